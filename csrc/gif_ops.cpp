@@ -1,0 +1,33 @@
+// Every schema of torch.ops.gif, in one place. Kernels register per backend in csrc/cpu and
+// csrc/cuda (C++) and in gif_kernels/ops.py (Triton, autograd, fake kernels).
+#include <torch/library.h>
+
+#include <string>
+
+namespace {
+
+// fused_code_ce's per-row forward: (loss (B, L) = lambda_j * CE_bj, lse (B, L) saved for backward).
+const std::string kCodeCeForwardArgs =
+    "(Tensor x, Tensor weight, Tensor codes, Tensor? position_weight, float scale, float m2, "
+    "float m3, bool normalize, int ignore_index) -> (Tensor, Tensor)";
+// Its backward from grad of the per-row loss: (grad_x, grad_weight).
+const std::string kCodeCeBackwardArgs =
+    "(Tensor grad_loss, Tensor x, Tensor weight, Tensor codes, Tensor? position_weight, "
+    "Tensor lse, float scale, float m2, float m3, bool normalize, int ignore_index) "
+    "-> (Tensor, Tensor)";
+
+}  // namespace
+
+TORCH_LIBRARY(gif, m) {
+  m.set_python_module("gif_kernels.ops");
+  // Public op: reduces the per-row loss of the fastest backend for the inputs' device.
+  m.def(
+      "fused_code_ce(Tensor x, Tensor weight, Tensor codes, Tensor? position_weight=None, "
+      "float scale=64.0, float m2=0.0, float m3=0.0, bool normalize=True, int ignore_index=-100, "
+      "str reduction=\"mean\") -> Tensor");
+  // One forward/backward pair per kernel family: C++ (CPU and CUDA keys) and Triton.
+  for (const std::string family : {"code_ce", "triton_code_ce"}) {
+    m.def((family + "_forward" + kCodeCeForwardArgs).c_str());
+    m.def((family + "_backward" + kCodeCeBackwardArgs).c_str());
+  }
+}

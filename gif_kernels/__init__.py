@@ -1,0 +1,20 @@
+"""gif-kernels: fused kernels for identity-code heads in face recognition at scale.
+
+Importing the package loads the compiled extension, which registers torch.ops.gif.*.
+"""
+import torch  # loads libtorch, which _C links against
+
+try:
+    from . import _C
+except ImportError as error:  # the extension is built by pip install, not at import
+    raise ImportError(
+        "gif_kernels._C (the compiled extension) is missing or does not load: build it with "
+        "`pip install --no-build-isolation -e .` from the source tree (needs torch, ninja and a "
+        f"C++ compiler). Cause: {error}") from error
+
+from . import ops
+from .ops import BACKENDS, fused_code_ce
+
+build_info = _C.build_info
+
+__all__ = ["BACKENDS", "build_info", "fused_code_ce", "ops"]

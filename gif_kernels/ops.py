@@ -1,0 +1,168 @@
+"""Op glue for torch.ops.gif: argument checks, backend choice, autograd and fake kernels.
+
+Schemas live in csrc/gif_ops.cpp; C++ kernels register there per device; the Triton kernels
+(gif_kernels/triton) register here. Nothing numeric happens in this file.
+"""
+import math
+import os
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+REDUCTIONS = ("none", "sum", "mean")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normalize, reduction):
+    """Shape, dtype and argument checks; they read metadata only, so they also run on fake tensors."""
+    if weight.dim() != 3:
+        raise ValueError(f"weight: expected shape (L, V, D), got {tuple(weight.shape)}")
+    L, V, D = weight.shape
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
+    if x.shape[-1] != D:
+        raise ValueError(f"x: feature size {x.shape[-1]} does not match weight's D = {D}")
+    if x.dim() == 3 and x.shape[1] != L:
+        raise ValueError(f"x: expected (B, L, D) with L = {L}, got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected one of {FLOAT_DTYPES}, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} does not match x's dtype {x.dtype}")
+    if tuple(codes.shape) != (x.shape[0], L):
+        raise ValueError(f"codes: expected shape (B, L) = ({x.shape[0]}, {L}), got {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"codes: expected an integer dtype, got {codes.dtype}")
+    if weight.device != x.device or codes.device != x.device:
+        raise ValueError(f"x, weight and codes must be on one device, got {x.device}, "
+                         f"{weight.device}, {codes.device}")
+    if position_weight is not None:
+        if tuple(position_weight.shape) != (L,):
+            raise ValueError(f"position_weight: expected shape (L,) = ({L},), got {tuple(position_weight.shape)}")
+        if not position_weight.dtype.is_floating_point:
+            raise TypeError(f"position_weight: expected a float dtype, got {position_weight.dtype}")
+        if position_weight.device != x.device:
+            raise ValueError(f"position_weight: expected device {x.device}, got {position_weight.device}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    if not (math.isfinite(m2) and 0.0 <= m2 <= math.pi):
+        raise ValueError(f"m2: expected a finite angle in [0, pi], got {m2}")
+    if not math.isfinite(m3):
+        raise ValueError(f"m3: expected a finite number, got {m3}")
+    if not normalize and m2 != 0.0:
+        raise ValueError(f"m2: must be 0 when normalize=False (an angular margin needs cosines), got {m2}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("gif::code_ce_forward", "CUDA")
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda":
+            return "cuda" if _has_cuda_kernels() else "triton"
+        raise ValueError(f"x: no kernels for device {device}; use backend='reference'")
+    if backend in ("cpu", "cuda") and device.type != backend:
+        raise ValueError(f"backend: {backend!r} needs {backend} tensors, got tensors on {device}")
+    if backend == "cuda" and not _has_cuda_kernels():
+        raise RuntimeError("backend: 'cuda' needs the CUDA kernels, but gif_kernels._C was built "
+                           "without CUDA (see gif_kernels.build_info())")
+    if backend == "triton" and not _triton_runs_on(device):
+        raise RuntimeError(f"backend: 'triton' runs on CUDA tensors, or on CPU tensors with "
+                           f"TRITON_INTERPRET=1 set before import; got tensors on {device}")
+    return backend
+
+
+def fused_code_ce(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3=0.0,
+                  normalize=True, ignore_index=-100, reduction="mean", backend="auto"):
+    """Margin cross-entropy of L code positions, fused; see torch.ops.gif.fused_code_ce.
+
+    x: (B, D) shared or (B, L, D) per-position features; weight: (L, V, D); codes: (B, L) integer
+    in [0, V) or ignore_index. Returns the loss reduced by `reduction` ("mean" = sum / B).
+    backend: "auto" (fastest for the device), "cpu", "cuda", "triton" or "reference".
+    """
+    _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normalize, reduction)
+    backend = _resolve_backend(backend, x.device)
+    args = (x, weight, codes, position_weight, float(scale), float(m2), float(m3), bool(normalize),
+            int(ignore_index))
+    if backend == "reference":
+        rows = reference.code_ce_rows(*args)
+    elif backend == "triton":
+        rows, _ = torch.ops.gif.triton_code_ce_forward(*args)
+    else:
+        rows, _ = torch.ops.gif.code_ce_forward(*args)
+    return reference.reduce_loss(rows, reduction)
+
+
+@torch.library.impl("gif::fused_code_ce", "CompositeImplicitAutograd")
+def _fused_code_ce_op(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3=0.0,
+                      normalize=True, ignore_index=-100, reduction="mean"):
+    return fused_code_ce(x, weight, codes, position_weight, scale, m2, m3, normalize,
+                         ignore_index, reduction)
+
+
+# Triton kernel family: registered for CUDA, and for CPU tensors under the Triton interpreter.
+def _triton_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index):
+    if not _triton_runs_on(x.device):
+        _resolve_backend("triton", x.device)  # raises with the reason
+    from .triton.code_ce import code_ce_forward  # imported on first use: triton is slow to import
+    return code_ce_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index)
+
+
+def _triton_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3, normalize,
+                     ignore_index):
+    if not _triton_runs_on(x.device):
+        _resolve_backend("triton", x.device)
+    from .triton.code_ce import code_ce_backward
+    return code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
+                            normalize, ignore_index)
+
+
+torch.library.impl("gif::triton_code_ce_forward", ("CPU", "CUDA"), _triton_forward)
+torch.library.impl("gif::triton_code_ce_backward", ("CPU", "CUDA"), _triton_backward)
+
+
+# Fake kernels and autograd, the same for every kernel family.
+def _forward_fake(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return codes.new_empty(codes.shape, dtype=dtype), codes.new_empty(codes.shape, dtype=dtype)
+
+
+def _backward_fake(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3, normalize,
+                   ignore_index):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, codes, position_weight, *scalars = inputs
+    ctx.save_for_backward(x, weight, codes, position_weight, output[1])
+    ctx.scalars = scalars
+
+
+def _backward_of(backward_op):
+    def backward(ctx, grad_loss, _grad_lse):
+        x, weight, codes, position_weight, lse = ctx.saved_tensors
+        grad_x, grad_weight = backward_op(grad_loss, x, weight, codes, position_weight, lse,
+                                          *ctx.scalars)
+        return (grad_x, grad_weight) + (None,) * 7
+    return backward
+
+
+for _family in ("code_ce", "triton_code_ce"):
+    _forward_op = f"gif::{_family}_forward"
+    _backward_op = getattr(torch.ops.gif, f"{_family}_backward")
+    torch.library.register_fake(_forward_op)(_forward_fake)
+    torch.library.register_fake(f"gif::{_family}_backward")(_backward_fake)
+    torch.library.register_autograd(_forward_op, _backward_of(_backward_op),
+                                    setup_context=_setup_context)
