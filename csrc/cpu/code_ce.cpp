@@ -30,8 +30,8 @@ at::ScalarType accumulation_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor inverse_norm(const at::Tensor& t) {
-  return at::linalg_vector_norm(t, 2, {-1}).clamp_min(kNormEps).reciprocal();
+at::Tensor clamped_norm(const at::Tensor& t) {
+  return at::linalg_vector_norm(t, 2, {-1}).clamp_min(kNormEps);
 }
 
 Prepared prepare(const at::Tensor& x, const at::Tensor& weight,
@@ -41,10 +41,12 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& weight,
   p.feats = (x.dim() == 2 ? x.unsqueeze(1) : x).to(acc);
   p.rows = weight.to(acc);
   if (normalize) {
-    p.inv_feat_norm = inverse_norm(p.feats);
-    p.inv_row_norm = inverse_norm(p.rows);
-    p.feats = p.feats * p.inv_feat_norm.unsqueeze(-1);
-    p.rows = p.rows * p.inv_row_norm.unsqueeze(-1);
+    // Divide (not multiply by the reciprocal) so that D = 1 rows come out exactly +-1.
+    const at::Tensor feat_norm = clamped_norm(p.feats), row_norm = clamped_norm(p.rows);
+    p.feats = p.feats / feat_norm.unsqueeze(-1);
+    p.rows = p.rows / row_norm.unsqueeze(-1);
+    p.inv_feat_norm = feat_norm.reciprocal();
+    p.inv_row_norm = row_norm.reciprocal();
   }
   p.position_weight = position_weight.has_value()
                           ? position_weight->to(acc).contiguous()

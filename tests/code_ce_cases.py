@@ -1,0 +1,91 @@
+"""Inputs and the float64 comparison shared by the fused_code_ce tests of every backend."""
+import math
+
+import torch
+
+import gif_kernels
+from gif_kernels import reference
+
+# Largest error allowed, relative to the largest magnitude of the float64 reference. Gradients
+# cancel terms of size `scale` (64) down to O(1), so float32 rounding alone reaches ~1e-5 at large V.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+MARGINS = {
+    "none": dict(),
+    "cosface": dict(m3=0.4),
+    "arcface": dict(m2=0.5),
+    "both": dict(m2=0.3, m3=0.2),
+}
+
+
+def make_inputs(B, L, V, D, shared, dtype, device="cpu", seed=0, ignore=True, codes_dtype=torch.int64,
+                arcface_fallback=True):
+    """Random inputs of the given sizes; a few targets sit where theta + m2 > pi (ArcFace fallback)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((B, D) if shared else (B, L, D), generator=gen, dtype=torch.float64)
+    weight = torch.randn(L, V, D, generator=gen, dtype=torch.float64)
+    codes = torch.randint(0, V, (B, L), generator=gen)
+    if arcface_fallback and D > 1:
+        # Sample 0's target row points away from its feature: cos ~ -1 < -cos(m2).
+        for j in range(L):
+            feat = x[0] if shared else x[0, j]
+            weight[j, codes[0, j]] = -feat + 0.05 * torch.randn(D, generator=gen, dtype=torch.float64)
+    if ignore and B * L > 1:
+        codes.view(-1)[torch.randperm(B * L, generator=gen)[: max(1, B * L // 7)]] = -100
+    position_weight = 0.5 + torch.rand(L, generator=gen, dtype=torch.float64)
+    grad_rows = torch.randn(B, L, generator=gen, dtype=torch.float64)
+    return dict(x=x.to(device, dtype), weight=weight.to(device, dtype),
+                codes=codes.to(device, codes_dtype), position_weight=position_weight.to(device),
+                grad_rows=grad_rows.to(device))
+
+
+def assert_close(actual, expected, dtype, what, floor=1.0):
+    expected = expected.double().cpu()
+    actual = actual.double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    size = max(expected.abs().max().item() if expected.numel() else 0.0, floor)
+    assert err <= TOLERANCE[dtype] * size, f"{what}: max error {err:.3g} vs max magnitude {size:.3g}"
+
+
+def check_against_reference(backend, inputs, reduction="none", **kwargs):
+    """Loss, grad_x and grad_weight of `backend` against autograd of reference.py in float64."""
+    x = inputs["x"].detach().requires_grad_()
+    weight = inputs["weight"].detach().requires_grad_()
+    pw = inputs["position_weight"]
+    loss = gif_kernels.fused_code_ce(x, weight, inputs["codes"], pw, reduction=reduction,
+                                     backend=backend, **kwargs)
+    x64 = inputs["x"].detach().double().cpu().requires_grad_()
+    w64 = inputs["weight"].detach().double().cpu().requires_grad_()
+    expected = reference.fused_code_ce(x64, w64, inputs["codes"].cpu(), pw.double().cpu(),
+                                       reduction=reduction, **kwargs)
+    upstream = inputs["grad_rows"] if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    grad_x, grad_w = torch.autograd.grad(loss, (x, weight), upstream.to(loss.device, loss.dtype))
+    ref_x, ref_w = torch.autograd.grad(expected, (x64, w64), upstream.cpu())
+    dtype = inputs["x"].dtype
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad_x.dtype == dtype and grad_w.dtype == dtype
+    assert_close(loss.detach(), expected.detach(), dtype, "loss")
+    # With D = 1 a normalized vector has no tangent direction: the exact gradients are 0 and what
+    # remains is rounding of cancelled terms, each up to scale * |upstream| * L * lambda / |x|.
+    floor = 1.0
+    if inputs["weight"].shape[-1] == 1 and kwargs.get("normalize", True):
+        floor = (kwargs.get("scale", 64.0) * upstream.abs().max().item() * inputs["weight"].shape[0]
+                 * pw.max().item() / inputs["x"].abs().min().item())
+    assert_close(grad_x, ref_x, dtype, "grad_x", floor)
+    assert_close(grad_w, ref_w, dtype, "grad_weight", floor)
+
+
+def arcface_fallback_hit(inputs, m2):
+    """True when some target cosine lies in the ArcFace fallback region (theta + m2 > pi)."""
+    x = inputs["x"].double().cpu()
+    w = inputs["weight"].double().cpu()
+    L = w.shape[0]
+    feats = x.unsqueeze(1).expand(-1, L, -1) if x.dim() == 2 else x
+    cos = torch.einsum("bld,lvd->blv", torch.nn.functional.normalize(feats, dim=-1),
+                       torch.nn.functional.normalize(w, dim=-1))
+    codes = inputs["codes"].cpu().long()
+    valid = codes >= 0
+    target = cos.gather(-1, codes.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return bool((target[valid] < -math.cos(m2)).any())

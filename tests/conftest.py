@@ -1,0 +1,23 @@
+import os
+
+import pytest
+import torch
+
+
+def triton_available() -> bool:
+    """Triton kernels run on a GPU, or on CPU tensors under the Triton interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_triton = pytest.mark.skip(reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+        if "triton" in item.keywords and not triton_available():
+            item.add_marker(skip_triton)

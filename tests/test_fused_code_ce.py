@@ -1,0 +1,217 @@
+"""fused_code_ce on the CPU backend (C++ kernels) against reference.py in float64, plus the op's
+registration (opcheck, gradcheck, torch.compile) and its input checks."""
+import itertools
+
+import pytest
+import torch
+
+import gif_kernels
+from code_ce_cases import MARGINS, arcface_fallback_hit, check_against_reference, make_inputs
+
+SIZES = list(itertools.product([1, 5, 64], [1, 3, 6], [2, 16, 37, 300, 5000], [1, 8, 130]))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+@pytest.mark.parametrize("B,L,V,D", SIZES)
+def test_shape_grid(B, L, V, D, shared):
+    # Each shape takes one margin in turn, so the grid covers all four without quadrupling it.
+    margin = list(MARGINS)[(B + L + V + D) % len(MARGINS)]
+    inputs = make_inputs(B, L, V, D, shared, torch.float32, seed=B * L * V * D)
+    check_against_reference("cpu", inputs, **MARGINS[margin])
+
+
+@pytest.mark.parametrize("margin", list(MARGINS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+@pytest.mark.parametrize("B,L,V,D", [(5, 3, 37, 130), (64, 6, 16, 8), (1, 1, 300, 1)])
+def test_dtypes_and_margins(B, L, V, D, shared, dtype, margin):
+    inputs = make_inputs(B, L, V, D, shared, dtype, seed=7)
+    check_against_reference("cpu", inputs, **MARGINS[margin])
+
+
+def test_arcface_fallback_region_is_exercised():
+    inputs = make_inputs(5, 3, 37, 130, True, torch.float32)
+    assert arcface_fallback_hit(inputs, MARGINS["arcface"]["m2"])
+    check_against_reference("cpu", inputs, **MARGINS["arcface"])
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+def test_reductions(reduction, shared):
+    inputs = make_inputs(17, 3, 37, 24, shared, torch.float32, seed=3)
+    check_against_reference("cpu", inputs, reduction=reduction, **MARGINS["cosface"])
+
+
+def test_mean_is_sum_over_positions_averaged_over_samples():
+    inputs = make_inputs(9, 4, 11, 16, True, torch.float64, seed=4)
+    args = (inputs["x"], inputs["weight"], inputs["codes"], inputs["position_weight"])
+    rows = gif_kernels.fused_code_ce(*args, reduction="none")
+    assert torch.allclose(gif_kernels.fused_code_ce(*args, reduction="mean"), rows.sum() / 9)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+def test_unnormalized(shared):
+    inputs = make_inputs(13, 3, 37, 16, shared, torch.float32, seed=5)
+    inputs["x"], inputs["weight"] = inputs["x"] * 0.25, inputs["weight"] * 0.25
+    check_against_reference("cpu", inputs, normalize=False, scale=2.0, m3=0.3)
+
+
+def test_ignore_index_and_position_weight():
+    inputs = make_inputs(8, 3, 16, 8, True, torch.float64, seed=6)
+    codes = inputs["codes"].clone()
+    codes[codes == -100] = 7
+    codes[:, 1] = 7  # a custom ignore_index that is also a valid token elsewhere
+    codes[2, 0] = 7
+    inputs["codes"] = codes
+    check_against_reference("cpu", inputs, ignore_index=7, m3=0.4)
+    rows = gif_kernels.fused_code_ce(inputs["x"], inputs["weight"], codes, inputs["position_weight"],
+                                     ignore_index=7, reduction="none")
+    assert (rows[codes == 7] == 0).all() and (rows[codes != 7] > 0).all()
+    unweighted = gif_kernels.fused_code_ce(inputs["x"], inputs["weight"], codes, ignore_index=7,
+                                           reduction="none")
+    assert torch.allclose(rows, unweighted * inputs["position_weight"])
+
+
+def test_int32_codes_and_noncontiguous_inputs():
+    inputs = make_inputs(6, 3, 16, 40, False, torch.float32, codes_dtype=torch.int32, seed=8)
+    inputs["x"] = inputs["x"].transpose(0, 1).contiguous().transpose(0, 1)
+    inputs["weight"] = inputs["weight"][:, :, ::2]
+    inputs["x"] = inputs["x"][:, :, ::2]
+    assert not inputs["x"].is_contiguous() and not inputs["weight"].is_contiguous()
+    check_against_reference("cpu", inputs, **MARGINS["both"])
+
+
+def test_all_ignored_gives_zero_loss_and_gradients():
+    inputs = make_inputs(4, 2, 5, 8, True, torch.float32, seed=9)
+    x = inputs["x"].requires_grad_()
+    w = inputs["weight"].requires_grad_()
+    codes = torch.full((4, 2), -100)
+    loss = gif_kernels.fused_code_ce(x, w, codes)
+    loss.backward()
+    assert loss.item() == 0 and (x.grad == 0).all() and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("margin", list(MARGINS))
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+def test_gradcheck(margin, shared):
+    inputs = make_inputs(3, 2, 5, 4, shared, torch.float64, seed=10)
+    x = inputs["x"].requires_grad_()
+    w = inputs["weight"].requires_grad_()
+
+    def loss(x, w):
+        return gif_kernels.fused_code_ce(x, w, inputs["codes"], inputs["position_weight"], scale=4.0,
+                                         reduction="none", backend="cpu", **MARGINS[margin])
+
+    assert torch.autograd.gradcheck(loss, (x, w))
+
+
+def _op_samples():
+    inputs = make_inputs(5, 3, 7, 6, True, torch.float32, seed=11)
+    per_position = make_inputs(4, 2, 9, 5, False, torch.float64, seed=12)
+    for case in (inputs, per_position):
+        yield (case["x"], case["weight"], case["codes"], case["position_weight"], 16.0, 0.3, 0.2,
+               True, -100)
+    yield (inputs["x"], inputs["weight"], inputs["codes"], None, 2.0, 0.0, 0.1, False, -100)
+
+
+@pytest.mark.parametrize("sample", list(range(3)))
+def test_opcheck_forward_and_backward(sample):
+    args = list(_op_samples())[sample]
+    x, weight = args[0].requires_grad_(), args[1].requires_grad_()
+    torch.library.opcheck(torch.ops.gif.code_ce_forward, args)
+    loss, lse = torch.ops.gif.code_ce_forward(*args)
+    grad = torch.randn_like(loss)
+    torch.library.opcheck(torch.ops.gif.code_ce_backward,
+                          (grad, x.detach(), weight.detach(), *args[2:4], lse.detach(), *args[4:]))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_opcheck_public_op(reduction):
+    args = next(_op_samples())
+    x, weight = args[0].requires_grad_(), args[1].requires_grad_()
+    torch.library.opcheck(torch.ops.gif.fused_code_ce, (x, weight, args[2]),
+                          dict(position_weight=args[3], m3=0.4, reduction=reduction))
+
+
+def test_public_op_matches_python_api():
+    inputs = make_inputs(5, 3, 16, 8, False, torch.float32, seed=13)
+    args = (inputs["x"], inputs["weight"], inputs["codes"], inputs["position_weight"])
+    assert torch.equal(torch.ops.gif.fused_code_ce(*args, m2=0.5),
+                       gif_kernels.fused_code_ce(*args, m2=0.5))
+
+
+def test_torch_compile_fullgraph():
+    inputs = make_inputs(6, 3, 16, 8, True, torch.float32, seed=14)
+
+    def step(x, w, codes, pw):
+        return gif_kernels.fused_code_ce(x, w, codes, pw, m3=0.4) + torch.ops.gif.fused_code_ce(
+            x, w, codes, pw, m2=0.5, reduction="sum")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        x = inputs["x"].clone().requires_grad_()
+        w = inputs["weight"].clone().requires_grad_()
+        loss = fn(x, w, inputs["codes"], inputs["position_weight"])
+        loss.backward()
+        results.append((loss.detach(), x.grad, w.grad))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager)
+
+
+def test_reference_backend_matches_cpu():
+    inputs = make_inputs(7, 3, 37, 8, True, torch.float64, seed=15)
+    args = (inputs["x"], inputs["weight"], inputs["codes"], inputs["position_weight"])
+    torch.testing.assert_close(gif_kernels.fused_code_ce(*args, backend="reference", m2=0.5),
+                               gif_kernels.fused_code_ce(*args, backend="cpu", m2=0.5))
+
+
+def _bad_calls():
+    x, w = torch.randn(4, 8), torch.randn(3, 5, 8)
+    codes = torch.randint(0, 5, (4, 3))
+    bad_codes = codes.clone()
+    bad_codes[1, 2] = 5
+    negative = codes.clone()
+    negative[0, 0] = -1
+    return {
+        "codes_out_of_range": (dict(codes=bad_codes), "codes", ValueError),
+        "codes_negative": (dict(codes=negative), "codes", ValueError),
+        "codes_shape": (dict(codes=codes[:, :2]), "codes", ValueError),
+        "codes_float": (dict(codes=codes.float()), "codes", TypeError),
+        "feature_size": (dict(x=torch.randn(4, 7)), "x", ValueError),
+        "x_positions": (dict(x=torch.randn(4, 2, 8)), "x", ValueError),
+        "dtype_mismatch": (dict(weight=w.double()), "weight", TypeError),
+        "int_x": (dict(x=torch.ones(4, 8, dtype=torch.int64), weight=w.long()), "x", TypeError),
+        "weight_rank": (dict(weight=w[0]), "weight", ValueError),
+        "scale_inf": (dict(scale=float("inf")), "scale", ValueError),
+        "scale_nan": (dict(scale=float("nan")), "scale", ValueError),
+        "reduction": (dict(reduction="avg"), "reduction", ValueError),
+        "m2_unnormalized": (dict(m2=0.5, normalize=False), "m2", ValueError),
+        "position_weight_shape": (dict(position_weight=torch.ones(2)), "position_weight", ValueError),
+        "backend": (dict(backend="tpu"), "backend", ValueError),
+        "cuda_backend_on_cpu": (dict(backend="cuda"), "backend", ValueError),
+    }, dict(x=x, weight=w, codes=codes)
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()[0]))
+def test_bad_input_names_the_argument(case):
+    cases, good = _bad_calls()
+    change, argument, error = cases[case]
+    with pytest.raises(error, match=argument):
+        gif_kernels.fused_code_ce(**{**good, **change})
+
+
+def test_cpp_kernel_checks_codes_itself():
+    x, w = torch.randn(4, 8), torch.randn(3, 5, 8)
+    codes = torch.randint(0, 5, (4, 3))
+    codes[3, 1] = 9
+    with pytest.raises(ValueError, match=r"codes: .* found 9 at \[3, 1\]"):
+        torch.ops.gif.code_ce_forward(x, w, codes, None, 64.0, 0.0, 0.0, True, -100)
+    with pytest.raises(TypeError, match="weight: dtype"):
+        torch.ops.gif.code_ce_forward(x, w.double(), codes.clamp(max=4), None, 64.0, 0.0, 0.0, True, -100)
+
+
+def test_build_info():
+    info = gif_kernels.build_info()
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert isinstance(info["cuda"], bool) and isinstance(info["cuda_archs"], str)
