@@ -26,7 +26,7 @@ def extension():
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and os.environ.get("GIF_FORCE_CPU", "0") != "1")
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
-    cxx = ["-O3", "-std=c++17"] + openmp
+    cxx = ["-O3", "-std=c++20"] + openmp
     if not with_cuda:
         return cpp_extension.CppExtension(
             "gif_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
@@ -35,7 +35,7 @@ def extension():
     return cpp_extension.CUDAExtension(
         "gif_kernels._C", sources + cuda_sources,
         extra_compile_args={"cxx": cxx + defines,
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + defines},
+                            "nvcc": ["-O3", "-std=c++20", "-lineinfo"] + defines},
         extra_link_args=openmp)
 
 

@@ -1,0 +1,132 @@
+"""fused_code_ce forward + backward against the same math in eager PyTorch and under torch.compile.
+
+Every row of one run is timed side by side on the same device; the table reports ratios against
+eager and torch.compile. On a GPU it also reports TFLOP/s against torch.matmul on the same FLOPs.
+
+    python bench/kernels.py                 # the default shapes on the machine at hand
+    python bench/kernels.py --json out.json --shapes 512x6x16x512
+"""
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import gif_kernels
+from gif_kernels import reference
+
+DEFAULT_SHAPES = {"cpu": ["512x6x16x512", "512x3x256x512", "256x2x4096x512"],
+                  "cuda": ["512x6x16x512", "512x3x256x512", "4096x2x4096x512", "8192x2x32768x512"]}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_shape(text):
+    try:
+        B, L, V, D = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes: expected BxLxVxD like 512x6x16x512, got {text!r}")
+    return B, L, V, D
+
+
+def median_ms(fn, device, repeats):
+    """Median wall time of fn() in ms: CUDA events on a GPU, perf_counter on the CPU."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def training_step(loss_fn, x, weight, codes, margin):
+    def step():
+        x.grad = weight.grad = None
+        loss_fn(x, weight, codes, m3=margin).backward()
+    return step
+
+
+def matmul_ms(B, L, V, D, dtype, device, repeats):
+    """torch.matmul on the head's useful FLOPs: logits (B, D) @ (D, L*V), then both gradients."""
+    a = torch.randn(B, D, dtype=dtype, device=device)
+    w = torch.randn(L * V, D, dtype=dtype, device=device)
+    g = torch.randn(B, L * V, dtype=dtype, device=device)
+    return median_ms(lambda: (a @ w.t(), g @ w, g.t() @ a), device, repeats)
+
+
+def bench_shape(B, L, V, D, dtype, device, backends, repeats, margin):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, D, generator=gen).to(device, dtype).requires_grad_()
+    weight = torch.randn(L, V, D, generator=gen).to(device, dtype).requires_grad_()
+    codes = torch.randint(0, V, (B, L), generator=gen).to(device)
+    times = {"eager": median_ms(training_step(reference.fused_code_ce, x, weight, codes, margin),
+                                device, repeats)}
+    compiled = torch.compile(reference.fused_code_ce, dynamic=False)
+    times["compile"] = median_ms(training_step(compiled, x, weight, codes, margin), device, repeats)
+    for backend in backends:
+        def fused(*args, backend=backend, **kwargs):
+            return gif_kernels.fused_code_ce(*args, backend=backend, **kwargs)
+        times[backend] = median_ms(training_step(fused, x, weight, codes, margin), device, repeats)
+    row = {"shape": dict(B=B, L=L, V=V, D=D), "dtype": str(dtype).replace("torch.", ""),
+           "time_ms": times}
+    if device == "cuda":
+        useful_flops = 6 * B * L * V * D  # forward logits + both gradient products
+        row["matmul_ms"] = matmul_ms(B, L, V, D, dtype, device, repeats)
+        row["tflops"] = {name: useful_flops / (ms * 1e9) for name, ms in
+                         {**times, "matmul": row["matmul_ms"]}.items()}
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", help="BxLxVxD (shared features)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--margin", type=float, default=0.4, help="CosFace margin m3")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device = args.device
+    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES[device]]
+    if device == "cuda":
+        backends = ["triton"] + (["cuda"] if gif_kernels.ops._has_cuda_kernels() else [])
+    else:
+        backends = ["cpu"]
+    results = []
+    header = f"{'B x L x V x D':>22} {'eager ms':>9} {'compile':>9}" + "".join(
+        f" {b + ' ms':>10} {'vs eager':>9} {'vs comp':>8}" for b in backends)
+    print(f"fused_code_ce fwd+bwd, {device}, {dtype}, CosFace m3={args.margin}")
+    print(header)
+    for B, L, V, D in shapes:
+        row = bench_shape(B, L, V, D, dtype, device, backends, args.repeats, args.margin)
+        results.append(row)
+        t = row["time_ms"]
+        line = f"{f'{B} x {L} x {V} x {D}':>22} {t['eager']:9.3f} {t['compile']:9.3f}"
+        for b in backends:
+            line += f" {t[b]:10.3f} {t['eager'] / t[b]:8.1f}x {t['compile'] / t[b]:7.1f}x"
+        if "tflops" in row:
+            line += "  TFLOP/s " + ", ".join(f"{k} {v:.0f}" for k, v in row["tflops"].items())
+        print(line)
+    if args.json:
+        info = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                "torch": torch.__version__, "build_info": gif_kernels.build_info(),
+                "threads": torch.get_num_threads(), "results": results}
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
