@@ -1,0 +1,67 @@
+"""The Triton kernels of fused_code_ce against reference.py in float64: on a GPU, or on CPU tensors
+under TRITON_INTERPRET=1 (slow, so a representative subset of the CPU grid)."""
+import pytest
+import torch
+
+from code_ce_cases import MARGINS, check_against_reference, make_inputs
+
+pytestmark = pytest.mark.triton
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+SIZES = [(1, 1, 2, 1), (5, 3, 37, 130), (33, 3, 300, 8), (17, 2, 16, 24), (3, 1, 5000, 8),
+         (64, 6, 16, 130), (64, 1, 5000, 130), (5, 6, 2, 8), (1, 3, 300, 1), (64, 3, 37, 1)]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+@pytest.mark.parametrize("B,L,V,D", SIZES)
+def test_shapes(B, L, V, D, shared):
+    margin = list(MARGINS)[(B + L + V + D) % len(MARGINS)]
+    inputs = make_inputs(B, L, V, D, shared, torch.float32, DEVICE, seed=B * L * V * D)
+    check_against_reference("triton", inputs, **MARGINS[margin])
+
+
+@pytest.mark.parametrize("margin", list(MARGINS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes_and_margins(dtype, margin):
+    inputs = make_inputs(9, 3, 37, 40, False, dtype, DEVICE, seed=21)
+    check_against_reference("triton", inputs, **MARGINS[margin])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reductions_int32_codes(reduction):
+    inputs = make_inputs(7, 2, 16, 8, True, torch.float32, DEVICE, seed=22, codes_dtype=torch.int32)
+    check_against_reference("triton", inputs, reduction=reduction, **MARGINS["both"])
+
+
+def test_unnormalized():
+    inputs = make_inputs(11, 2, 20, 16, False, torch.float32, DEVICE, seed=23)
+    inputs["x"], inputs["weight"] = inputs["x"] * 0.25, inputs["weight"] * 0.25
+    check_against_reference("triton", inputs, normalize=False, scale=2.0, m3=0.3)
+
+
+def test_noncontiguous_inputs():
+    inputs = make_inputs(6, 3, 16, 40, False, torch.float32, DEVICE, seed=24)
+    inputs["x"] = inputs["x"][:, :, ::2]
+    inputs["weight"] = inputs["weight"][:, :, ::2]
+    check_against_reference("triton", inputs, **MARGINS["arcface"])
+
+
+def test_opcheck():
+    inputs = make_inputs(5, 3, 7, 6, True, torch.float32, DEVICE, seed=25)
+    args = (inputs["x"].requires_grad_(), inputs["weight"].requires_grad_(), inputs["codes"],
+            inputs["position_weight"].float(), 16.0, 0.3, 0.2, True, -100)
+    torch.library.opcheck(torch.ops.gif.triton_code_ce_forward, args)
+    loss, lse = torch.ops.gif.triton_code_ce_forward(*args)
+    torch.library.opcheck(torch.ops.gif.triton_code_ce_backward,
+                          (torch.randn_like(loss), args[0].detach(), args[1].detach(), *args[2:4],
+                           lse.detach(), *args[4:]))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the value check runs on CPU tensors only")
+def test_out_of_range_codes_raise_on_cpu():
+    inputs = make_inputs(4, 2, 5, 8, True, torch.float32, seed=26)
+    codes = inputs["codes"].clone()
+    codes[2, 1] = 5
+    with pytest.raises(ValueError, match="codes"):
+        torch.ops.gif.triton_code_ce_forward(inputs["x"], inputs["weight"], codes, None, 64.0, 0.0,
+                                             0.0, True, -100)
