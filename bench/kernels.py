@@ -102,7 +102,7 @@ def main():
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES[device]]
     if device == "cuda":
-        backends = ["triton"] + (["cuda"] if gif_kernels.ops._has_cuda_kernels() else [])
+        backends = ["triton"] + (["cuda"] if gif_kernels.ops.has_cuda_kernels() else [])
     else:
         backends = ["cpu"]
     results = []

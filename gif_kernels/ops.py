@@ -56,12 +56,15 @@ def _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normal
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _has_cuda_kernels() -> bool:
+def has_cuda_kernels() -> bool:
+    """Whether gif_kernels._C was built with the CUDA C++ kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("gif::code_ce_forward", "CUDA")
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+def _require_triton(device: torch.device):
+    if not (device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        raise RuntimeError(f"backend: 'triton' runs on CUDA tensors, or on CPU tensors with "
+                           f"TRITON_INTERPRET=1 set before import; got tensors on {device}")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -71,16 +74,15 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cpu":
             return "cpu"
         if device.type == "cuda":
-            return "cuda" if _has_cuda_kernels() else "triton"
+            return "cuda" if has_cuda_kernels() else "triton"
         raise ValueError(f"x: no kernels for device {device}; use backend='reference'")
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend: {backend!r} needs {backend} tensors, got tensors on {device}")
-    if backend == "cuda" and not _has_cuda_kernels():
+    if backend == "cuda" and not has_cuda_kernels():
         raise RuntimeError("backend: 'cuda' needs the CUDA kernels, but gif_kernels._C was built "
                            "without CUDA (see gif_kernels.build_info())")
-    if backend == "triton" and not _triton_runs_on(device):
-        raise RuntimeError(f"backend: 'triton' runs on CUDA tensors, or on CPU tensors with "
-                           f"TRITON_INTERPRET=1 set before import; got tensors on {device}")
+    if backend == "triton":
+        _require_triton(device)
     return backend
 
 
@@ -114,16 +116,14 @@ def _fused_code_ce_op(x, weight, codes, position_weight=None, scale=64.0, m2=0.0
 
 # Triton kernel family: registered for CUDA, and for CPU tensors under the Triton interpreter.
 def _triton_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index):
-    if not _triton_runs_on(x.device):
-        _resolve_backend("triton", x.device)  # raises with the reason
+    _require_triton(x.device)
     from .triton.code_ce import code_ce_forward  # imported on first use: triton is slow to import
     return code_ce_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index)
 
 
 def _triton_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3, normalize,
                      ignore_index):
-    if not _triton_runs_on(x.device):
-        _resolve_backend("triton", x.device)
+    _require_triton(x.device)
     from .triton.code_ce import code_ce_backward
     return code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
                             normalize, ignore_index)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.cuda
 
 
 def gpu_backends():
-    return ["auto", "triton"] + (["cuda"] if gif_kernels.ops._has_cuda_kernels() else [])
+    return ["auto", "triton"] + (["cuda"] if gif_kernels.ops.has_cuda_kernels() else [])
 
 
 SIZES = list(itertools.product([1, 5, 64], [1, 3, 6], [2, 16, 37, 300, 5000], [1, 8, 130]))

@@ -215,3 +215,12 @@ def test_build_info():
     info = gif_kernels.build_info()
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda"], bool) and isinstance(info["cuda_archs"], str)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, codes = torch.randn(4, 8), torch.randn(3, 5, 8), torch.randint(0, 5, (4, 3))
+    with pytest.raises(RuntimeError, match="backend: 'triton'.*TRITON_INTERPRET"):
+        gif_kernels.fused_code_ce(x, w, codes, backend="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        torch.ops.gif.triton_code_ce_forward(x, w, codes, None, 64.0, 0.0, 0.0, True, -100)
