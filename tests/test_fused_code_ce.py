@@ -147,7 +147,7 @@ def test_torch_compile_fullgraph():
         return gif_kernels.fused_code_ce(x, w, codes, pw, m3=0.4) + torch.ops.gif.fused_code_ce(
             x, w, codes, pw, m2=0.5, reduction="sum")
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)
     results = []
     for fn in (step, compiled):
         x = inputs["x"].clone().requires_grad_()
