@@ -13,8 +13,9 @@ except ImportError as error:  # the extension is built by pip install, not at im
         f"C++ compiler). Cause: {error}") from error
 
 from . import ops
+from .codebook import CodeBook, CodeTrie
 from .ops import BACKENDS, fused_code_ce
 
 build_info = _C.build_info
 
-__all__ = ["BACKENDS", "build_info", "fused_code_ce", "ops"]
+__all__ = ["BACKENDS", "CodeBook", "CodeTrie", "build_info", "fused_code_ce", "ops"]

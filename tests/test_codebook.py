@@ -159,3 +159,11 @@ def test_other_files_are_rejected(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="path: "):
         CodeBook.load(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("method", ["kmeans", "sequential", "random"])
+def test_build_from_vectors(method):
+    vectors = torch.randn(131, 12, generator=torch.Generator().manual_seed(6))
+    book = CodeBook.build(vectors, vocab=4, method=method, seed=1)
+    assert (book.num_ids, book.length, book.vocab) == (131, 4, 4)  # 4**4 = 256 >= 131 > 4**3
+    assert torch.equal(book.ids_for(book.codes), torch.arange(131))

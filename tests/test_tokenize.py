@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from gif_kernels import CodeBook
 from gif_kernels.tokenize import (METHODS, default_length, prefix_spread, spread, tokenize,
                                   uniformity_loss)
 
@@ -205,7 +206,6 @@ def test_cuda_codes_unique_and_in_range(method):
 
 
 def test_cli_end_to_end(tmp_path):
-    CodeBook = pytest.importorskip("gif_kernels.codebook").CodeBook
     vectors, _ = blobs(9, 23, 11, 4.0)
     np.save(tmp_path / "vecs.npy", vectors.numpy())
     out = tmp_path / "codes.safetensors"
