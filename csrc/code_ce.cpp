@@ -12,33 +12,33 @@ void check_code_ce_inputs(const at::Tensor& x, const at::Tensor& weight, const a
   const int64_t L = weight.size(0), V = weight.size(1), D = weight.size(2);
   TORCH_CHECK_VALUE(V >= 1 && D >= 1, "weight: expected V >= 1 and D >= 1, got shape ", weight.sizes());
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "x: expected shape (B, D) or (B, L, D), got ",
-              x.sizes());
+                    x.sizes());
   const int64_t B = x.size(0);
   TORCH_CHECK_VALUE(x.size(-1) == D, "x: feature size ", x.size(-1), " does not match weight's D = ", D);
   TORCH_CHECK_VALUE(x.dim() == 2 || x.size(1) == L, "x: expected (B, L, D) with L = ", L, ", got ",
-              x.sizes());
+                    x.sizes());
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
                        dtype == at::kDouble,
                    "x: expected float32, bfloat16, float16 or float64, got ", dtype);
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight: dtype ", weight.scalar_type(),
-              " does not match x's dtype ", x.scalar_type());
+                   " does not match x's dtype ", x.scalar_type());
   TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) == B && codes.size(1) == L,
-              "codes: expected shape (B, L) = (", B, ", ", L, "), got ", codes.sizes());
+                    "codes: expected shape (B, L) = (", B, ", ", L, "), got ", codes.sizes());
   TORCH_CHECK_TYPE(!at::isFloatingType(codes.scalar_type()) && !at::isComplexType(codes.scalar_type()) &&
-                  codes.scalar_type() != at::kBool,
-              "codes: expected an integer dtype, got ", codes.scalar_type());
+                       codes.scalar_type() != at::kBool,
+                   "codes: expected an integer dtype, got ", codes.scalar_type());
   TORCH_CHECK_VALUE(weight.device() == x.device() && codes.device() == x.device(),
-              "x, weight and codes must be on one device, got ", x.device(), ", ",
-              weight.device(), ", ", codes.device());
+                    "x, weight and codes must be on one device, got ", x.device(), ", ",
+                    weight.device(), ", ", codes.device());
   if (position_weight.has_value()) {
     const at::Tensor& pw = *position_weight;
     TORCH_CHECK_VALUE(pw.dim() == 1 && pw.size(0) == L, "position_weight: expected shape (L,) = (", L,
-                ",), got ", pw.sizes());
+                      ",), got ", pw.sizes());
     TORCH_CHECK_TYPE(at::isFloatingType(pw.scalar_type()), "position_weight: expected a float dtype, got ",
-                pw.scalar_type());
+                     pw.scalar_type());
     TORCH_CHECK_VALUE(pw.device() == x.device(), "position_weight: expected device ", x.device(),
-                ", got ", pw.device());
+                      ", got ", pw.device());
   }
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale: expected a finite number, got ", scale);
   TORCH_CHECK_VALUE(std::isfinite(m2) && m2 >= 0.0 && m2 <= M_PI, "m2: expected a finite angle in [0, pi], got ", m2);
@@ -52,7 +52,7 @@ void check_code_values(const at::Tensor& codes, int64_t num_tokens, int64_t igno
   const at::Tensor where = bad.nonzero()[0];
   const int64_t b = where[0].item<int64_t>(), j = where[1].item<int64_t>();
   TORCH_CHECK_VALUE(false, "codes: values must be in [0, V) = [0, ", num_tokens, ") or equal ignore_index (",
-              ignore_index, "); found ", codes[b][j].item<int64_t>(), " at [", b, ", ", j, "]");
+                    ignore_index, "); found ", codes[b][j].item<int64_t>(), " at [", b, ", ", j, "]");
 }
 
 }  // namespace gif
