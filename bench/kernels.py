@@ -1,7 +1,10 @@
 """fused_code_ce forward + backward against the same math in eager PyTorch and under torch.compile.
 
 Every row of one run is timed side by side on the same device; the table reports ratios against
-eager and torch.compile. On a GPU it also reports TFLOP/s against torch.matmul on the same FLOPs.
+eager and torch.compile. On a GPU it also reports TFLOP/s against torch.matmul on the same FLOPs,
+each fused backend's time with its launches captured in a CUDA graph (what the kernels cost without
+Python's launch overhead), and, when the package is installed, Cut Cross-Entropy's
+linear_cross_entropy applied per position (scale * unit features against unit rows; it has no margin).
 
     python bench/kernels.py                 # the default shapes on the machine at hand
     python bench/kernels.py --json out.json --shapes 512x6x16x512
@@ -18,7 +21,8 @@ import gif_kernels
 from gif_kernels import reference
 
 DEFAULT_SHAPES = {"cpu": ["512x6x16x512", "512x3x256x512", "256x2x4096x512"],
-                  "cuda": ["512x6x16x512", "512x3x256x512", "4096x2x4096x512", "8192x2x32768x512"]}
+                  "cuda": ["512x6x16x512", "512x4x64x512", "512x3x256x512", "4096x2x4096x512",
+                           "8192x2x32768x512"]}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -57,6 +61,37 @@ def training_step(loss_fn, x, weight, codes, margin):
     return step
 
 
+def graph_ms(loss_fn, x, weight, codes, margin, repeats):
+    """Median time of one forward + backward replayed from a CUDA graph."""
+    def step():
+        return torch.autograd.grad(loss_fn(x, weight, codes, m3=margin), (x, weight))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles, allocates) outside the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return median_ms(graph.replay, "cuda", repeats)
+
+
+def cut_cross_entropy_loss():
+    """Cut Cross-Entropy per position, or None when it is not installed (an optional peer)."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        return None
+
+    def loss(x, weight, codes, m3=0.0, scale=64.0):
+        feats = scale * torch.nn.functional.normalize(x, dim=-1)
+        rows = torch.nn.functional.normalize(weight, dim=-1)
+        return sum(linear_cross_entropy(feats, rows[j], codes[:, j], reduction="sum")
+                   for j in range(weight.shape[0])) / x.shape[0]
+    return loss
+
+
 def matmul_ms(B, L, V, D, dtype, device, repeats):
     """torch.matmul on the head's useful FLOPs: logits (B, D) @ (D, L*V), then both gradients."""
     a = torch.randn(B, D, dtype=dtype, device=device)
@@ -74,13 +109,26 @@ def bench_shape(B, L, V, D, dtype, device, backends, repeats, margin):
                                 device, repeats)}
     compiled = torch.compile(reference.fused_code_ce, dynamic=False)
     times["compile"] = median_ms(training_step(compiled, x, weight, codes, margin), device, repeats)
+    fused_fns = {}
     for backend in backends:
         def fused(*args, backend=backend, **kwargs):
             return gif_kernels.fused_code_ce(*args, backend=backend, **kwargs)
+        fused_fns[backend] = fused
         times[backend] = median_ms(training_step(fused, x, weight, codes, margin), device, repeats)
+    cce = cut_cross_entropy_loss() if device == "cuda" else None
+    if cce is not None:
+        times["cce"] = median_ms(training_step(cce, x, weight, codes, margin), device, repeats)
     row = {"shape": dict(B=B, L=L, V=V, D=D), "dtype": str(dtype).replace("torch.", ""),
            "time_ms": times}
     if device == "cuda":
+        row["graph_ms"] = {}
+        for b, fn in fused_fns.items():
+            try:
+                row["graph_ms"][b] = graph_ms(fn, x, weight, codes, margin, repeats)
+            except RuntimeError as error:  # report it and keep measuring the rest
+                row.setdefault("errors", {})[f"{b} graph"] = str(error)
+                print(f"{b}: CUDA graph capture failed: {error}", flush=True)
+        row["fastest"] = min(row["graph_ms"], key=row["graph_ms"].get, default=None)
         useful_flops = 6 * B * L * V * D  # forward logits + both gradient products
         row["matmul_ms"] = matmul_ms(B, L, V, D, dtype, device, repeats)
         row["tflops"] = {name: useful_flops / (ms * 1e9) for name, ms in
@@ -117,9 +165,15 @@ def main():
         line = f"{f'{B} x {L} x {V} x {D}':>22} {t['eager']:9.3f} {t['compile']:9.3f}"
         for b in backends:
             line += f" {t[b]:10.3f} {t['eager'] / t[b]:8.1f}x {t['compile'] / t[b]:7.1f}x"
+        if "cce" in t:
+            line += f"  cce {t['cce']:.3f} ms"
+        if "graph_ms" in row:
+            line += "  graph " + ", ".join(f"{b} {ms * 1e3:.1f} us ({t['compile'] / ms:.0f}x comp)"
+                                           for b, ms in row["graph_ms"].items())
+            line += f"  fastest {row['fastest']}"
         if "tflops" in row:
             line += "  TFLOP/s " + ", ".join(f"{k} {v:.0f}" for k, v in row["tflops"].items())
-        print(line)
+        print(line, flush=True)
     if args.json:
         info = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                 "torch": torch.__version__, "build_info": gif_kernels.build_info(),

@@ -67,35 +67,52 @@ def _require_triton(device: torch.device):
                            f"TRITON_INTERPRET=1 set before import; got tensors on {device}")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+# backend="auto" on CUDA tensors: the CUDA C++ kernels up to this V, Triton above it. The CUDA
+# kernels' one-pass small-V path covers V <= 64; above that they run cuBLAS GEMMs in the accumulation
+# dtype, which Triton's fused tensor-core tiles beat.
+AUTO_CUDA_MAX_V = 64
+
+
+def _resolve_backend(backend: str, device: torch.device, num_tokens: int, deterministic: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cpu":
             return "cpu"
-        if device.type == "cuda":
-            return "cuda" if has_cuda_kernels() else "triton"
-        raise ValueError(f"x: no kernels for device {device}; use backend='reference'")
+        if device.type != "cuda":
+            raise ValueError(f"x: no kernels for device {device}; use backend='reference'")
+        if has_cuda_kernels() and (deterministic or num_tokens <= AUTO_CUDA_MAX_V):
+            return "cuda"
+        backend = "triton"
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend: {backend!r} needs {backend} tensors, got tensors on {device}")
     if backend == "cuda" and not has_cuda_kernels():
         raise RuntimeError("backend: 'cuda' needs the CUDA kernels, but gif_kernels._C was built "
                            "without CUDA (see gif_kernels.build_info())")
     if backend == "triton":
+        if deterministic:
+            raise RuntimeError("backend: 'triton' accumulates grad_weight with atomics, so its gradients "
+                               "are not bitwise reproducible; deterministic=True (or "
+                               "torch.use_deterministic_algorithms(True)) needs backend 'cuda' or 'cpu'")
         _require_triton(device)
     return backend
 
 
 def fused_code_ce(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3=0.0,
-                  normalize=True, ignore_index=-100, reduction="mean", backend="auto"):
+                  normalize=True, ignore_index=-100, reduction="mean", backend="auto",
+                  deterministic=None):
     """Margin cross-entropy of L code positions, fused; see torch.ops.gif.fused_code_ce.
 
     x: (B, D) shared or (B, L, D) per-position features; weight: (L, V, D); codes: (B, L) integer
     in [0, V) or ignore_index. Returns the loss reduced by `reduction` ("mean" = sum / B).
-    backend: "auto" (fastest for the device), "cpu", "cuda", "triton" or "reference".
+    backend: "auto" (fastest for the device and shape), "cpu", "cuda", "triton" or "reference".
+    deterministic: bitwise-reproducible gradients (rules out Triton); None follows
+    torch.are_deterministic_algorithms_enabled().
     """
     _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normalize, reduction)
-    backend = _resolve_backend(backend, x.device)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    backend = _resolve_backend(backend, x.device, weight.shape[1], deterministic)
     args = (x, weight, codes, position_weight, float(scale), float(m2), float(m3), bool(normalize),
             int(ignore_index))
     if backend == "reference":

@@ -89,3 +89,25 @@ def arcface_fallback_hit(inputs, m2):
     valid = codes >= 0
     target = cos.gather(-1, codes.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return bool((target[valid] < -math.cos(m2)).any())
+
+
+def op_samples(device):
+    """Arguments of the per-row forward ops: shared and per-position features, two dtypes, with
+    and without normalization."""
+    inputs = make_inputs(5, 3, 7, 6, True, torch.float32, device, seed=11)
+    per_position = make_inputs(4, 2, 9, 5, False, torch.float64, device, seed=12)
+    for case in (inputs, per_position):
+        yield (case["x"], case["weight"], case["codes"], case["position_weight"], 16.0, 0.3, 0.2,
+               True, -100)
+    yield (inputs["x"], inputs["weight"], inputs["codes"], None, 2.0, 0.0, 0.1, False, -100)
+
+
+def opcheck_family(family, args):
+    """torch.library.opcheck of one kernel family's forward and backward ops."""
+    forward = getattr(torch.ops.gif, f"{family}_forward")
+    backward = getattr(torch.ops.gif, f"{family}_backward")
+    x, weight = args[0].requires_grad_(), args[1].requires_grad_()
+    torch.library.opcheck(forward, args)
+    loss, lse = forward(*args)
+    grad = torch.randn_like(loss)
+    torch.library.opcheck(backward, (grad, x.detach(), weight.detach(), *args[2:4], lse.detach(), *args[4:]))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import gif_kernels
-from code_ce_cases import MARGINS, arcface_fallback_hit, check_against_reference, make_inputs
+from code_ce_cases import (MARGINS, arcface_fallback_hit, check_against_reference, make_inputs, op_samples,
+                           opcheck_family)
 
 SIZES = list(itertools.product([1, 5, 64], [1, 3, 6], [2, 16, 37, 300, 5000], [1, 8, 130]))
 
@@ -105,29 +106,14 @@ def test_gradcheck(margin, shared):
     assert torch.autograd.gradcheck(loss, (x, w))
 
 
-def _op_samples():
-    inputs = make_inputs(5, 3, 7, 6, True, torch.float32, seed=11)
-    per_position = make_inputs(4, 2, 9, 5, False, torch.float64, seed=12)
-    for case in (inputs, per_position):
-        yield (case["x"], case["weight"], case["codes"], case["position_weight"], 16.0, 0.3, 0.2,
-               True, -100)
-    yield (inputs["x"], inputs["weight"], inputs["codes"], None, 2.0, 0.0, 0.1, False, -100)
-
-
 @pytest.mark.parametrize("sample", list(range(3)))
 def test_opcheck_forward_and_backward(sample):
-    args = list(_op_samples())[sample]
-    x, weight = args[0].requires_grad_(), args[1].requires_grad_()
-    torch.library.opcheck(torch.ops.gif.code_ce_forward, args)
-    loss, lse = torch.ops.gif.code_ce_forward(*args)
-    grad = torch.randn_like(loss)
-    torch.library.opcheck(torch.ops.gif.code_ce_backward,
-                          (grad, x.detach(), weight.detach(), *args[2:4], lse.detach(), *args[4:]))
+    opcheck_family("code_ce", list(op_samples("cpu"))[sample])
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_opcheck_public_op(reduction):
-    args = next(_op_samples())
+    args = next(op_samples("cpu"))
     x, weight = args[0].requires_grad_(), args[1].requires_grad_()
     torch.library.opcheck(torch.ops.gif.fused_code_ce, (x, weight, args[2]),
                           dict(position_weight=args[3], m3=0.4, reduction=reduction))
@@ -215,6 +201,19 @@ def test_build_info():
     info = gif_kernels.build_info()
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda"], bool) and isinstance(info["cuda_archs"], str)
+
+
+def test_deterministic_rules_out_triton():
+    x, w, codes = torch.randn(4, 8), torch.randn(3, 5, 8), torch.randint(0, 5, (4, 3))
+    with pytest.raises(RuntimeError, match="backend: 'triton'.*deterministic"):
+        gif_kernels.fused_code_ce(x, w, codes, backend="triton", deterministic=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="backend: 'triton'.*deterministic"):
+            gif_kernels.fused_code_ce(x, w, codes, backend="triton")
+        assert gif_kernels.fused_code_ce(x, w, codes).isfinite()  # auto: the C++ kernels
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):

@@ -1,0 +1,682 @@
+// fused_code_ce on CUDA.
+//
+// Small V (V <= 64, the regime codes are made for): one pass over x per block of samples. A block
+// stages its samples' features in shared memory chunk by chunk, forms all L*V cosines (warp per
+// weight row, 16-byte loads, shuffle reductions), then applies margin and logsumexp per row. The
+// backward recomputes the cosines, forms grad_x in the same block and leaves dLoss/dcos for a
+// grad_weight kernel that reduces over samples in fixed-size splits (per-block partials, then one
+// reduction in a fixed order): gradients are bitwise reproducible, with no global atomics.
+//
+// Larger V: the GEMM driver of code_ce_gemm.h (cuBLAS through ATen) with row kernels here.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../code_ce_gemm.h"
+
+namespace gif {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarp;
+constexpr int kMaxSmallV = 64;                      // small-V kernels: up to 2 tokens per lane
+constexpr int kMaxSmallColumns = 1024;              // and L * V <= this
+constexpr int kSamplesPerBlock = 4;                 // samples sharing one read of the weights
+constexpr int kPerLane = 8;                         // feature elements per lane per step
+constexpr int kChunk = kWarp * kPerLane;            // feature elements per warp step
+constexpr int kGradTileColumns = 32;                // grad_weight tile: 32 rows x 64 features,
+constexpr int kGradTileFeatures = 64;               // 8 features per thread
+constexpr int kGradTileSamples = 32;                // samples staged per step
+constexpr int64_t kGemmBlockElements = int64_t(1) << 26;  // GEMM path: cosines per block (256 MB fp32)
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const T other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() { return static_cast<T>(-INFINITY); }
+template <typename T>
+__device__ __forceinline__ T quiet_nan() { return static_cast<T>(NAN); }
+
+// Online logsumexp state: running max m and sum s of exp(value - m).
+template <typename T>
+struct OnlineLse {
+  T m, s;
+  __device__ OnlineLse() : m(neg_inf<T>()), s(0) {}
+  __device__ __forceinline__ void add(T value) {
+    if (value > m) {
+      s = s * std::exp(m - value) + T(1);
+      m = value;
+    } else {
+      s += std::exp(value - m);
+    }
+  }
+  __device__ __forceinline__ T warp_result() {
+    const T top = warp_max(m);
+    const T total = warp_sum(top == neg_inf<T>() ? T(0) : s * std::exp(m - top));
+    return top + std::log(total);
+  }
+};
+
+// The target of a row: valid (in [0, V)), ignored, or out of range (NaN loss: checking would cost a
+// host sync here; the CPU kernels raise instead).
+struct Target {
+  int64_t t;
+  bool ignored, valid;
+  __device__ Target(int64_t code, int64_t V, int64_t ignore_index)
+      : t(code), ignored(code == ignore_index), valid(code >= 0 && code < V && code != ignore_index) {}
+};
+
+// Loads 8 consecutive elements of a row at d (zeros past D) in the accumulation dtype, with
+// 16-byte loads where the row is aligned for them.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_lane(const scalar_t* row, int64_t d, int64_t D, bool vectorized,
+                                          acc_t (&out)[kPerLane]) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+#pragma unroll
+  for (int i = 0; i < kPerLane; i += kVec) {
+    if (vectorized && d + i + kVec <= D) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row + d + i);
+      const scalar_t* v = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out[i + k] = static_cast<acc_t>(v[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        out[i + k] = d + i + k < D ? static_cast<acc_t>(row[d + i + k]) : acc_t(0);
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t clamped_norm(acc_t sum_sq) {
+  const acc_t n = std::sqrt(sum_sq);
+  return n > acc_t(kNormEps) ? n : acc_t(kNormEps);
+}
+
+// Arguments of the small-V kernels. x is (B, Lx, D) with Lx = 1 for shared features, weight is
+// (N = L * V, D); both contiguous.
+template <typename scalar_t, typename acc_t>
+struct SmallVArgs {
+  const scalar_t* x;
+  const scalar_t* weight;
+  const int64_t* codes;    // (B, L)
+  const acc_t* lambda;     // (L,)
+  int64_t B, L, V, D, Lx;
+  bool normalize, vectorized;
+  RowParams<acc_t> rp;
+};
+
+// Shared memory of a small-V block, in the accumulation dtype.
+template <typename acc_t>
+struct SmallVSmem {
+  acc_t* feats;     // (kSamplesPerBlock * Lx, kChunk): a chunk of features, lane-major
+  acc_t* dots;      // (kSamplesPerBlock, N)
+  acc_t* grads;     // (kSamplesPerBlock, N): dLoss/dcos (backward only)
+  acc_t* row_sq;    // (N,) sum of squares of weight rows
+  acc_t* feat_sq;   // (kSamplesPerBlock * Lx,)
+  acc_t* row_dot;   // (kSamplesPerBlock * L,) sum_v dLoss/dcos * cos (backward only)
+
+  __device__ SmallVSmem(acc_t* base, int64_t N, int64_t L, int64_t Lx) {
+    feats = base;
+    dots = feats + kSamplesPerBlock * Lx * kChunk;
+    grads = dots + kSamplesPerBlock * N;
+    row_sq = grads + kSamplesPerBlock * N;
+    feat_sq = row_sq + N;
+    row_dot = feat_sq + kSamplesPerBlock * Lx;
+  }
+  static int64_t bytes(int64_t N, int64_t L, int64_t Lx) {
+    return int64_t(sizeof(acc_t)) *
+           (kSamplesPerBlock * Lx * kChunk + 2 * kSamplesPerBlock * N + N + kSamplesPerBlock * Lx +
+            kSamplesPerBlock * L);
+  }
+};
+
+// Dot products of the block's samples [b0, b0 + nb) with every weight row, and the squared norms.
+template <typename scalar_t, typename acc_t>
+__device__ void small_v_dots(const SmallVArgs<scalar_t, acc_t>& a, int64_t b0, int nb,
+                             const SmallVSmem<acc_t>& sm) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t N = a.L * a.V;
+  const int feat_rows = kSamplesPerBlock * a.Lx;
+  for (int64_t i = threadIdx.x; i < kSamplesPerBlock * N; i += kThreads) sm.dots[i] = 0;
+  for (int64_t i = threadIdx.x; i < N; i += kThreads) sm.row_sq[i] = 0;
+  for (int i = threadIdx.x; i < feat_rows; i += kThreads) sm.feat_sq[i] = 0;
+  for (int64_t d0 = 0; d0 < a.D; d0 += kChunk) {
+    __syncthreads();  // the previous chunk is consumed, the accumulators are zeroed
+    // Element lane * kPerLane + k of a row sits at k * kWarp + lane: conflict-free reads below.
+    for (int i = threadIdx.x; i < feat_rows * kChunk; i += kThreads) {
+      const int row = i / kChunk, pos = i % kChunk, s = row / a.Lx;
+      const int64_t d = d0 + (pos % kWarp) * kPerLane + pos / kWarp;
+      sm.feats[i] = s < nb && d < a.D
+                        ? static_cast<acc_t>(a.x[((b0 + s) * a.Lx + row % a.Lx) * a.D + d])
+                        : acc_t(0);
+    }
+    __syncthreads();
+    for (int row = warp; row < feat_rows; row += kWarps) {
+      acc_t sq = 0;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const acc_t v = sm.feats[row * kChunk + k * kWarp + lane];
+        sq += v * v;
+      }
+      sq = warp_sum(sq);
+      if (lane == 0) sm.feat_sq[row] += sq;
+    }
+    for (int64_t n = warp; n < N; n += kWarps) {
+      acc_t w[kPerLane];
+      load_lane(a.weight + n * a.D, d0 + lane * kPerLane, a.D, a.vectorized, w);
+      const int jx = a.Lx == 1 ? 0 : int(n / a.V);
+      acc_t sq = 0, part[kSamplesPerBlock];
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) sq += w[k] * w[k];
+#pragma unroll
+      for (int s = 0; s < kSamplesPerBlock; ++s) {
+        const acc_t* f = sm.feats + (s * a.Lx + jx) * kChunk + lane;
+        part[s] = 0;
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) part[s] += w[k] * f[k * kWarp];
+      }
+      sq = warp_sum(sq);
+#pragma unroll
+      for (int s = 0; s < kSamplesPerBlock; ++s) part[s] = warp_sum(part[s]);
+      if (lane == 0) {
+        sm.row_sq[n] += sq;
+#pragma unroll
+        for (int s = 0; s < kSamplesPerBlock; ++s) sm.dots[s * N + n] += part[s];
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// Cosine of sample s (of the block) with weight row n = j * V + v.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t small_v_cos(const SmallVArgs<scalar_t, acc_t>& a,
+                                             const SmallVSmem<acc_t>& sm, int s, int64_t n) {
+  const acc_t dot = sm.dots[s * a.L * a.V + n];
+  if (!a.normalize) return dot;
+  const int jx = a.Lx == 1 ? 0 : int(n / a.V);
+  // One division, as the other backends: parallel vectors then give exactly +-1.
+  return dot / (clamped_norm(sm.feat_sq[s * a.Lx + jx]) * clamped_norm(sm.row_sq[n]));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return reinterpret_cast<acc_t*>(smem_raw);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+small_v_forward_kernel(SmallVArgs<scalar_t, acc_t> a, acc_t* loss, acc_t* lse) {
+  const SmallVSmem<acc_t> sm(dynamic_smem<acc_t>(), a.L * a.V, a.L, a.Lx);
+  const int64_t b0 = int64_t(blockIdx.x) * kSamplesPerBlock;
+  const int nb = int(a.B - b0 < kSamplesPerBlock ? a.B - b0 : kSamplesPerBlock);
+  small_v_dots(a, b0, nb, sm);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  for (int r = warp; r < nb * a.L; r += kWarps) {
+    const int s = r / int(a.L);
+    const int64_t j = r % a.L, row = (b0 + s) * a.L + j;
+    const Target tg(a.codes[row], a.V, a.rp.ignore_index);
+    acc_t dphi, logit_t = 0;
+    if (tg.valid) logit_t = a.rp.target_logit(small_v_cos(a, sm, s, j * a.V + tg.t), &dphi);
+    OnlineLse<acc_t> acc;
+    for (int64_t v = lane; v < a.V; v += kWarp) {
+      acc.add(tg.valid && v == tg.t ? logit_t : a.rp.scale * small_v_cos(a, sm, s, j * a.V + v));
+    }
+    const acc_t row_lse = acc.warp_result();
+    if (lane == 0) {
+      lse[row] = tg.valid || tg.ignored ? row_lse : quiet_nan<acc_t>();
+      loss[row] = tg.ignored ? acc_t(0) : tg.valid ? a.lambda[j] * (row_lse - logit_t) : quiet_nan<acc_t>();
+    }
+  }
+}
+
+// dLoss/dcos of one row's token v: lambda_j * g * scale * (p_v - [v == t]) * (dphi at the target).
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_cos(const RowParams<acc_t>& rp, acc_t c, bool is_target,
+                                          acc_t logit_t, acc_t dphi, acc_t row_lse, acc_t row_grad) {
+  const acc_t prob = std::exp((is_target ? logit_t : rp.scale * c) - row_lse);
+  return row_grad * rp.scale * (is_target ? (prob - acc_t(1)) * dphi : prob);
+}
+
+// Backward, per block of samples: dLoss/dcos (kept for the grad_weight kernel) and grad_x.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+small_v_backward_kernel(SmallVArgs<scalar_t, acc_t> a, const acc_t* grad_loss, const acc_t* lse,
+                        scalar_t* grad_x, acc_t* grad_cos_out, acc_t* grad_cos_dot_out,
+                        acc_t* feat_norm_out, acc_t* row_norm_out) {
+  const int64_t N = a.L * a.V;
+  const SmallVSmem<acc_t> sm(dynamic_smem<acc_t>(), N, a.L, a.Lx);
+  const int64_t b0 = int64_t(blockIdx.x) * kSamplesPerBlock;
+  const int nb = int(a.B - b0 < kSamplesPerBlock ? a.B - b0 : kSamplesPerBlock);
+  small_v_dots(a, b0, nb, sm);
+  for (int64_t i = nb * N + threadIdx.x; i < kSamplesPerBlock * N; i += kThreads) sm.grads[i] = 0;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  for (int r = warp; r < nb * a.L; r += kWarps) {
+    const int s = r / int(a.L);
+    const int64_t j = r % a.L, row = (b0 + s) * a.L + j;
+    const Target tg(a.codes[row], a.V, a.rp.ignore_index);
+    acc_t dphi = 1, logit_t = 0;
+    if (tg.valid) logit_t = a.rp.target_logit(small_v_cos(a, sm, s, j * a.V + tg.t), &dphi);
+    const acc_t row_grad = tg.valid ? grad_loss[row] * a.lambda[j]
+                                    : tg.ignored ? acc_t(0) : quiet_nan<acc_t>();
+    acc_t dot = 0;
+    for (int64_t v = lane; v < a.V; v += kWarp) {
+      const int64_t n = j * a.V + v;
+      const acc_t c = small_v_cos(a, sm, s, n);
+      const acc_t g = tg.ignored ? acc_t(0) : grad_cos(a.rp, c, tg.valid && v == tg.t, logit_t, dphi, lse[row], row_grad);
+      sm.grads[s * N + n] = g;
+      grad_cos_out[(b0 + s) * N + n] = g;
+      grad_cos_dot_out[(b0 + s) * N + n] = g * c;
+      dot += g * c;
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) sm.row_dot[s * a.L + j] = dot;
+  }
+  for (int i = threadIdx.x; i < nb * a.Lx; i += kThreads) {
+    feat_norm_out[b0 * a.Lx + i] = a.normalize ? clamped_norm(sm.feat_sq[i]) : acc_t(1);
+  }
+  if (blockIdx.x == 0) {
+    for (int64_t n = threadIdx.x; n < N; n += kThreads) {
+      row_norm_out[n] = a.normalize ? clamped_norm(sm.row_sq[n]) : acc_t(1);
+    }
+  }
+  __syncthreads();
+  // Fold 1 / ||w_n|| into the factors: sum_n g_n * w_n / ||w_n|| is then one pass over the weights.
+  if (a.normalize) {
+    for (int64_t i = threadIdx.x; i < nb * N; i += kThreads) sm.grads[i] /= clamped_norm(sm.row_sq[i % N]);
+  }
+  // Shared features see every position: their sum_n g_n c_n goes to row_dot[s * L].
+  if (a.Lx == 1 && threadIdx.x < nb) {
+    acc_t total = 0;
+    for (int64_t j = 0; j < a.L; ++j) total += sm.row_dot[threadIdx.x * a.L + j];
+    sm.row_dot[threadIdx.x * a.L] = total;
+  }
+  __syncthreads();
+  // grad of the unit feature u = x / ||x||: sum_n g_n w_n / ||w_n|| - (sum_n g_n c_n) u; then
+  // through the normalization, grad_x = that / ||x|| (the u component is already removed).
+  for (int64_t d = threadIdx.x; d < a.D; d += kThreads) {
+    for (int jx = 0; jx < a.Lx; ++jx) {
+      const int64_t n0 = a.Lx == 1 ? 0 : jx * a.V, n1 = a.Lx == 1 ? N : n0 + a.V;
+      acc_t acc[kSamplesPerBlock] = {};
+      for (int64_t n = n0; n < n1; ++n) {
+        const acc_t w = static_cast<acc_t>(a.weight[n * a.D + d]);
+#pragma unroll
+        for (int s = 0; s < kSamplesPerBlock; ++s) acc[s] += sm.grads[s * N + n] * w;
+      }
+#pragma unroll
+      for (int s = 0; s < kSamplesPerBlock; ++s) {
+        if (s >= nb) break;
+        const int64_t feat_row = (b0 + s) * a.Lx + jx;
+        acc_t g = acc[s];
+        if (a.normalize) {
+          const acc_t cos_dot = sm.row_dot[s * a.L + jx];
+          const acc_t norm = clamped_norm(sm.feat_sq[s * a.Lx + jx]);
+          g = (g - cos_dot * static_cast<acc_t>(a.x[feat_row * a.D + d]) / norm) / norm;
+        }
+        grad_x[feat_row * a.D + d] = static_cast<scalar_t>(g);
+      }
+    }
+  }
+}
+
+// Partial sums over one split of the samples, for a tile of 32 weight rows x 64 features:
+// partial[split, n, d] = sum_b g[b, n] * u_b[d] (u = unit feature of n's position), and
+// partial_dot[split, n] = sum_b g[b, n] * c[b, n].
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+small_v_grad_weight_partial_kernel(SmallVArgs<scalar_t, acc_t> a, const acc_t* grad_cos,
+                                   const acc_t* grad_cos_dot, const acc_t* feat_norm,
+                                   int64_t samples_per_split, acc_t* partial, acc_t* partial_dot) {
+  __shared__ acc_t g_tile[kGradTileSamples][kGradTileColumns + 1];
+  __shared__ acc_t gc_tile[kGradTileSamples][kGradTileColumns + 1];
+  __shared__ acc_t f_tile[kGradTileSamples][kGradTileFeatures + 1];
+  const int64_t N = a.L * a.V;
+  // Column tiles never straddle positions when features are per position (one feature row each).
+  const int64_t tiles_per_position = (a.V + kGradTileColumns - 1) / kGradTileColumns;
+  int64_t n0, n1, jx = 0;
+  if (a.Lx == 1) {
+    n0 = int64_t(blockIdx.x) * kGradTileColumns;
+    n1 = n0 + kGradTileColumns < N ? n0 + kGradTileColumns : N;
+  } else {
+    jx = blockIdx.x / tiles_per_position;
+    n0 = jx * a.V + (blockIdx.x % tiles_per_position) * kGradTileColumns;
+    n1 = n0 + kGradTileColumns < (jx + 1) * a.V ? n0 + kGradTileColumns : (jx + 1) * a.V;
+  }
+  const int64_t d0 = int64_t(blockIdx.y) * kGradTileFeatures;
+  const int64_t s0 = int64_t(blockIdx.z) * samples_per_split;
+  const int64_t s1 = s0 + samples_per_split < a.B ? s0 + samples_per_split : a.B;
+  const bool with_dot = blockIdx.y == 0;
+  const int tn = threadIdx.x / (kGradTileFeatures / kPerLane), td = threadIdx.x % (kGradTileFeatures / kPerLane);
+  acc_t acc[kPerLane] = {}, dot = 0;
+  for (int64_t b = s0; b < s1; b += kGradTileSamples) {
+    for (int i = threadIdx.x; i < kGradTileSamples * kGradTileColumns; i += kThreads) {
+      const int si = i / kGradTileColumns, ci = i % kGradTileColumns;
+      const bool in = b + si < s1 && n0 + ci < n1;
+      g_tile[si][ci] = in ? grad_cos[(b + si) * N + n0 + ci] : acc_t(0);
+      if (with_dot) gc_tile[si][ci] = in ? grad_cos_dot[(b + si) * N + n0 + ci] : acc_t(0);
+    }
+    for (int i = threadIdx.x; i < kGradTileSamples * kGradTileFeatures; i += kThreads) {
+      const int si = i / kGradTileFeatures, di = i % kGradTileFeatures;
+      acc_t f = 0;
+      if (b + si < s1 && d0 + di < a.D) {
+        const int64_t feat_row = (b + si) * a.Lx + jx;
+        f = static_cast<acc_t>(a.x[feat_row * a.D + d0 + di]) / feat_norm[feat_row];
+      }
+      f_tile[si][di] = f;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int si = 0; si < kGradTileSamples; ++si) {
+      const acc_t g = g_tile[si][tn];
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) acc[k] += g * f_tile[si][td * kPerLane + k];
+      if (with_dot) dot += gc_tile[si][tn];
+    }
+    __syncthreads();
+  }
+  const int64_t n = n0 + tn;
+  if (n >= n1) return;
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t d = d0 + td * kPerLane + k;
+    if (d < a.D) partial[(int64_t(blockIdx.z) * N + n) * a.D + d] = acc[k];
+  }
+  if (with_dot && td == 0) partial_dot[int64_t(blockIdx.z) * N + n] = dot;
+}
+
+// grad_weight[n, d] = (P[n, d] - (sum_b g c)[n] * w[n, d] / ||w_n||) / ||w_n||, P summed over splits
+// in order; without normalization grad_weight = P.
+template <typename scalar_t, typename acc_t>
+__global__ void small_v_grad_weight_reduce_kernel(SmallVArgs<scalar_t, acc_t> a, const acc_t* partial,
+                                                  const acc_t* partial_dot, const acc_t* row_norm,
+                                                  int64_t splits, scalar_t* grad_weight) {
+  const int64_t N = a.L * a.V, total = N * a.D;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / a.D;
+    acc_t p = 0;
+    for (int64_t z = 0; z < splits; ++z) p += partial[z * total + i];
+    if (a.normalize) {
+      acc_t dot = 0;
+      for (int64_t z = 0; z < splits; ++z) dot += partial_dot[z * N + n];
+      const acc_t norm = row_norm[n];
+      p = (p - dot * static_cast<acc_t>(a.weight[i]) / norm) / norm;
+    }
+    grad_weight[i] = static_cast<scalar_t>(p);
+  }
+}
+
+// ---- Row kernels of the GEMM path: one warp per (sample, position) row over cosines (nb, L, V).
+
+template <typename T>
+struct CosRows {
+  const T* cos;
+  int64_t sb, sj, sv, rows, L, V;
+  const int64_t* codes;
+  const T* lambda;
+  RowParams<T> rp;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gemm_forward_rows_kernel(CosRows<T> a, T* loss, T* lse) {
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= a.rows) return;
+  const int64_t j = row % a.L;
+  const T* c = a.cos + (row / a.L) * a.sb + j * a.sj;
+  const Target tg(a.codes[row], a.V, a.rp.ignore_index);
+  T dphi, logit_t = 0;
+  if (tg.valid) logit_t = a.rp.target_logit(c[tg.t * a.sv], &dphi);
+  OnlineLse<T> acc;
+  for (int64_t v = lane; v < a.V; v += kWarp) acc.add(tg.valid && v == tg.t ? logit_t : a.rp.scale * c[v * a.sv]);
+  const T row_lse = acc.warp_result();
+  if (lane == 0) {
+    lse[row] = tg.valid || tg.ignored ? row_lse : quiet_nan<T>();
+    loss[row] = tg.ignored ? T(0) : tg.valid ? a.lambda[j] * (row_lse - logit_t) : quiet_nan<T>();
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+gemm_backward_rows_kernel(CosRows<T> a, const T* grad_loss, const T* lse, T* grad_cos_out, T* cos_dot) {
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= a.rows) return;
+  const int64_t j = row % a.L;
+  const T* c = a.cos + (row / a.L) * a.sb + j * a.sj;
+  T* g = grad_cos_out + row * a.V;
+  const Target tg(a.codes[row], a.V, a.rp.ignore_index);
+  T dphi = 1, logit_t = 0;
+  if (tg.valid) logit_t = a.rp.target_logit(c[tg.t * a.sv], &dphi);
+  const T row_grad = tg.valid ? grad_loss[row] * a.lambda[j] : tg.ignored ? T(0) : quiet_nan<T>();
+  T dot = 0;
+  for (int64_t v = lane; v < a.V; v += kWarp) {
+    const T cv = c[v * a.sv];
+    g[v] = tg.ignored ? T(0) : grad_cos(a.rp, cv, tg.valid && v == tg.t, logit_t, dphi, lse[row], row_grad);
+    dot += g[v] * cv;
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) cos_dot[row] = dot;
+}
+
+template <typename T>
+CosRows<T> cos_rows(const at::Tensor& cos, const at::Tensor& codes, const at::Tensor& position_weight,
+                    double scale, double m2, double m3, int64_t ignore_index) {
+  return {cos.data_ptr<T>(), cos.stride(0), cos.stride(1), cos.stride(2), cos.size(0) * cos.size(1),
+          cos.size(1), cos.size(2), codes.data_ptr<int64_t>(), position_weight.data_ptr<T>(),
+          row_params<T>(scale, m2, m3, ignore_index)};
+}
+
+int64_t row_blocks(int64_t rows) { return (rows + kWarps - 1) / kWarps; }
+
+void forward_rows_cuda(const ForwardBlock& blk) {
+  AT_DISPATCH_FLOATING_TYPES(blk.cos.scalar_type(), "code_ce_forward_rows_cuda", [&] {
+    const auto a = cos_rows<scalar_t>(blk.cos, blk.codes, blk.position_weight, blk.scale, blk.m2, blk.m3,
+                                      blk.ignore_index);
+    if (a.rows == 0) return;
+    gemm_forward_rows_kernel<<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        a, blk.loss.data_ptr<scalar_t>(), blk.lse.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void backward_rows_cuda(const BackwardBlock& blk) {
+  AT_DISPATCH_FLOATING_TYPES(blk.cos.scalar_type(), "code_ce_backward_rows_cuda", [&] {
+    const auto a = cos_rows<scalar_t>(blk.cos, blk.codes, blk.position_weight, blk.scale, blk.m2, blk.m3,
+                                      blk.ignore_index);
+    if (a.rows == 0) return;
+    gemm_backward_rows_kernel<<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        a, blk.grad_loss.data_ptr<scalar_t>(), blk.lse.data_ptr<scalar_t>(),
+        blk.grad_cos.data_ptr<scalar_t>(), blk.cos_dot.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---- Host side.
+
+// An attribute of the current device (the ATen helper for this pulls in the cuBLAS/cuSPARSE headers).
+int device_attribute(cudaDeviceAttr attribute) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, c10::cuda::current_device()));
+  return value;
+}
+
+// The small-V kernels take the shape when V and L * V are small and a block's shared memory fits.
+bool small_v_fits(const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t L = weight.size(0), V = weight.size(1), Lx = x.dim() == 2 ? 1 : L;
+  if (V > kMaxSmallV || L * V > kMaxSmallColumns || weight.size(2) > 65535 * kGradTileFeatures) return false;
+  const int64_t bytes = x.scalar_type() == at::kDouble ? SmallVSmem<double>::bytes(L * V, L, Lx)
+                                                       : SmallVSmem<float>::bytes(L * V, L, Lx);
+  return bytes <= int64_t(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
+
+template <typename scalar_t, typename acc_t>
+SmallVArgs<scalar_t, acc_t> small_v_args(const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& codes, const at::Tensor& lambda,
+                                         bool normalize, const RowParams<acc_t>& rp) {
+  const int64_t D = weight.size(2);
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  const bool vectorized = D % (16 / sizeof(scalar_t)) == 0 && aligned(weight);
+  return {x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), codes.data_ptr<int64_t>(),
+          lambda.data_ptr<acc_t>(), x.size(0), weight.size(0), weight.size(1), D,
+          x.dim() == 2 ? 1 : weight.size(0), normalize, vectorized, rp};
+}
+
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, int64_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+at::Tensor position_weight_or_ones(const c10::optional<at::Tensor>& position_weight,
+                                   const at::Tensor& weight, at::ScalarType acc) {
+  return position_weight.has_value() ? position_weight->to(acc).contiguous()
+                                     : at::ones({weight.size(0)}, weight.options().dtype(acc));
+}
+
+std::tuple<at::Tensor, at::Tensor> small_v_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                   const at::Tensor& codes, const at::Tensor& lambda,
+                                                   double scale, double m2, double m3, bool normalize,
+                                                   int64_t ignore_index) {
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t B = x.size(0), L = weight.size(0);
+  at::Tensor loss = at::empty({B, L}, lambda.options());
+  at::Tensor lse = at::empty({B, L}, lambda.options());
+  if (B == 0) return {loss, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "small_v_forward", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const auto a = small_v_args<scalar_t, acc_t>(x, weight, codes, lambda, normalize,
+                                                 row_params<acc_t>(scale, m2, m3, ignore_index));
+    const int64_t smem = SmallVSmem<acc_t>::bytes(a.L * a.V, a.L, a.Lx);
+    allow_dynamic_smem(small_v_forward_kernel<scalar_t, acc_t>, smem);
+    const int64_t blocks = (B + kSamplesPerBlock - 1) / kSamplesPerBlock;
+    small_v_forward_kernel<scalar_t, acc_t><<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+        a, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> small_v_backward(const at::Tensor& grad_loss, const at::Tensor& x_in,
+                                                    const at::Tensor& weight_in, const at::Tensor& codes,
+                                                    const at::Tensor& lambda, const at::Tensor& lse,
+                                                    double scale, double m2, double m3, bool normalize,
+                                                    int64_t ignore_index) {
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t B = x.size(0), L = weight.size(0), V = weight.size(1), D = weight.size(2);
+  const int64_t N = L * V, Lx = x.dim() == 2 ? 1 : L;
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_weight = at::empty_like(weight);
+  if (B == 0) return {grad_x, grad_weight.zero_()};
+  const auto acc_options = lambda.options();
+  at::Tensor grad_cos = at::empty({B, N}, acc_options);       // dLoss/dcos
+  at::Tensor grad_cos_dot = at::empty({B, N}, acc_options);   // dLoss/dcos * cos
+  at::Tensor feat_norm = at::empty({B, Lx}, acc_options);
+  at::Tensor row_norm = at::empty({N}, acc_options);
+  // Split the samples so that the grad_weight tiles fill the device about twice; the split depends on
+  // the shape and the device only, so results are reproducible run to run.
+  const int64_t column_tiles = Lx == 1 ? (N + kGradTileColumns - 1) / kGradTileColumns
+                                       : L * ((V + kGradTileColumns - 1) / kGradTileColumns);
+  const int64_t feature_tiles = (D + kGradTileFeatures - 1) / kGradTileFeatures;
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t max_splits = (B + kGradTileSamples - 1) / kGradTileSamples;
+  const int64_t wanted = (2 * sms + column_tiles * feature_tiles - 1) / (column_tiles * feature_tiles);
+  const int64_t splits_guess = std::min<int64_t>(std::max<int64_t>(wanted, 1), std::min<int64_t>(max_splits, 65535));
+  const int64_t samples_per_split =
+      ((B + splits_guess - 1) / splits_guess + kGradTileSamples - 1) / kGradTileSamples * kGradTileSamples;
+  const int64_t splits = (B + samples_per_split - 1) / samples_per_split;
+  at::Tensor partial = at::empty({splits, N, D}, acc_options);
+  at::Tensor partial_dot = at::empty({splits, N}, acc_options);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "small_v_backward", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const auto a = small_v_args<scalar_t, acc_t>(x, weight, codes, lambda, normalize,
+                                                 row_params<acc_t>(scale, m2, m3, ignore_index));
+    const int64_t smem = SmallVSmem<acc_t>::bytes(N, L, Lx);
+    allow_dynamic_smem(small_v_backward_kernel<scalar_t, acc_t>, smem);
+    const int64_t blocks = (B + kSamplesPerBlock - 1) / kSamplesPerBlock;
+    small_v_backward_kernel<scalar_t, acc_t><<<blocks, kThreads, smem, stream>>>(
+        a, grad_loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
+        grad_cos.data_ptr<acc_t>(), grad_cos_dot.data_ptr<acc_t>(), feat_norm.data_ptr<acc_t>(),
+        row_norm.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 grid(static_cast<unsigned>(column_tiles), static_cast<unsigned>(feature_tiles),
+                    static_cast<unsigned>(splits));
+    small_v_grad_weight_partial_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+        a, grad_cos.data_ptr<acc_t>(), grad_cos_dot.data_ptr<acc_t>(), feat_norm.data_ptr<acc_t>(),
+        samples_per_split, partial.data_ptr<acc_t>(), partial_dot.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t reduce_blocks = std::min<int64_t>((N * D + kThreads - 1) / kThreads, 8 * sms);
+    small_v_grad_weight_reduce_kernel<scalar_t, acc_t><<<reduce_blocks, kThreads, 0, stream>>>(
+        a, partial.data_ptr<acc_t>(), partial_dot.data_ptr<acc_t>(), row_norm.data_ptr<acc_t>(), splits,
+        grad_weight.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, grad_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor> code_ce_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& codes,
+    const c10::optional<at::Tensor>& position_weight, double scale, double m2, double m3,
+    bool normalize, int64_t ignore_index) {
+  check_code_ce_inputs(x, weight, codes, position_weight, scale, m2, m3, normalize);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (small_v_fits(x, weight)) {
+    return small_v_forward(x, weight, codes.to(at::kLong).contiguous(),
+                           position_weight_or_ones(position_weight, weight, accumulation_type(x)),
+                           scale, m2, m3, normalize, ignore_index);
+  }
+  return gemm_code_ce_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index,
+                              kGemmBlockElements, forward_rows_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor> code_ce_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& codes, const c10::optional<at::Tensor>& position_weight,
+    const at::Tensor& lse, double scale, double m2, double m3, bool normalize,
+    int64_t ignore_index) {
+  check_code_ce_inputs(x, weight, codes, position_weight, scale, m2, m3, normalize);
+  check_backward_rows(grad_loss, lse, codes);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (small_v_fits(x, weight)) {
+    const auto acc = accumulation_type(x);
+    return small_v_backward(grad_loss.to(acc).contiguous(), x, weight, codes.to(at::kLong).contiguous(),
+                            position_weight_or_ones(position_weight, weight, acc),
+                            lse.to(acc).contiguous(), scale, m2, m3, normalize, ignore_index);
+  }
+  return gemm_code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
+                               normalize, ignore_index, kGemmBlockElements, backward_rows_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gif, CUDA, m) {
+  m.impl("code_ce_forward", &code_ce_forward_cuda);
+  m.impl("code_ce_backward", &code_ce_backward_cuda);
+}
+
+}  // namespace gif
