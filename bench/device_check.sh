@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Verifies all GPU code of the project in one call on a GPU machine: builds the package with CUDA
 # for sm_90, prints build_info(), runs the GPU tests (marked cuda, plus the Triton tests on the GPU),
-# runs compute-sanitizer memcheck over a small case of every GPU kernel, then the benchmarks.
+# runs compute-sanitizer (memcheck, racecheck) over a small case of every GPU kernel, then the
+# benchmarks.
 # Writes logs and summary.json to the output folder (first argument, else $OUT, else ./device_check).
 #
 #   bash bench/device_check.sh [OUT_DIR]
@@ -33,8 +34,10 @@ python -c "import xdist" 2>/dev/null && parallel=(-n 8)
 # Time limits per step keep the whole check within 8 minutes on an H100.
 step build timeout 240 python -m pip install --no-build-isolation --no-deps -v -e .
 step tests timeout 240 python -m pytest -q -rfE "${parallel[@]}" -m "cuda or triton" tests/
-step sanitizer timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-  python -m pytest -q -x -m cuda tests/test_cuda_code_ce.py -k sanitizer_cases
+for tool in memcheck racecheck; do
+  step "$tool" timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 \
+    python -m pytest -q -x -m cuda tests/test_cuda_code_ce.py -k sanitizer_cases
+done
 step kernels timeout 180 python bench/kernels.py --json "$out/kernels.json"
 
 python - "$steps" "$out" <<'PY'
@@ -48,12 +51,14 @@ try:
     summary["device"] = torch.cuda.get_device_name()
 except Exception as error:  # the build failed: say so in the summary
     summary["build_info"] = f"unavailable: {error}"
-summary["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+summary["commit"] = git("rev-parse", "HEAD")
+summary["uncommitted_changes"] = bool(git("status", "--porcelain", "--untracked-files=no"))
 tests = open(f"{out}/tests.log").read()
 summary["tests"] = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tests.splitlines()[-1] if tests else "")}
-sanitizer = open(f"{out}/sanitizer.log").read()
-found = re.search(r"ERROR SUMMARY: (\d+) error", sanitizer)
-summary["sanitizer_errors"] = int(found.group(1)) if found else None
+for tool in ("memcheck", "racecheck"):
+    found = re.search(r"ERROR SUMMARY: (\d+) error", open(f"{out}/{tool}.log").read())
+    summary[f"{tool}_errors"] = int(found.group(1)) if found else None
 try:
     summary["kernels"] = json.load(open(f"{out}/kernels.json"))["results"]
 except (OSError, ValueError, KeyError):

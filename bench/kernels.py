@@ -105,34 +105,40 @@ def bench_shape(B, L, V, D, dtype, device, backends, repeats, margin):
     x = torch.randn(B, D, generator=gen).to(device, dtype).requires_grad_()
     weight = torch.randn(L, V, D, generator=gen).to(device, dtype).requires_grad_()
     codes = torch.randint(0, V, (B, L), generator=gen).to(device)
-    times = {"eager": median_ms(training_step(reference.fused_code_ce, x, weight, codes, margin),
-                                device, repeats)}
-    compiled = torch.compile(reference.fused_code_ce, dynamic=False)
-    times["compile"] = median_ms(training_step(compiled, x, weight, codes, margin), device, repeats)
-    fused_fns = {}
-    for backend in backends:
-        def fused(*args, backend=backend, **kwargs):
-            return gif_kernels.fused_code_ce(*args, backend=backend, **kwargs)
-        fused_fns[backend] = fused
-        times[backend] = median_ms(training_step(fused, x, weight, codes, margin), device, repeats)
+    row = {"shape": dict(B=B, L=L, V=V, D=D), "dtype": str(dtype).replace("torch.", ""),
+           "time_ms": {}, "errors": {}}
+
+    def measure(table, name, timing):
+        """table[name] = timing(); a failure is reported and the other rows still run."""
+        try:
+            table[name] = timing()
+        except Exception as error:  # noqa: BLE001 - any failure of one method is a result too
+            row["errors"][f"{name} ({'graph' if table is not row['time_ms'] else 'eager'})"] = repr(error)
+            print(f"{name}: failed: {error!r}"[:500], flush=True)
+
+    def fused_fn(backend):
+        return lambda *args, **kwargs: gif_kernels.fused_code_ce(*args, backend=backend, **kwargs)
+
+    methods = {"eager": reference.fused_code_ce,
+               "compile": torch.compile(reference.fused_code_ce, dynamic=False),
+               **{backend: fused_fn(backend) for backend in backends}}
     cce = cut_cross_entropy_loss() if device == "cuda" else None
     if cce is not None:
-        times["cce"] = median_ms(training_step(cce, x, weight, codes, margin), device, repeats)
-    row = {"shape": dict(B=B, L=L, V=V, D=D), "dtype": str(dtype).replace("torch.", ""),
-           "time_ms": times}
+        methods["cce"] = cce
+    for name, fn in methods.items():
+        measure(row["time_ms"], name, lambda: median_ms(training_step(fn, x, weight, codes, margin),
+                                                        device, repeats))
     if device == "cuda":
         row["graph_ms"] = {}
-        for b, fn in fused_fns.items():
-            try:
-                row["graph_ms"][b] = graph_ms(fn, x, weight, codes, margin, repeats)
-            except RuntimeError as error:  # report it and keep measuring the rest
-                row.setdefault("errors", {})[f"{b} graph"] = str(error)
-                print(f"{b}: CUDA graph capture failed: {error}", flush=True)
+        for backend in backends:
+            measure(row["graph_ms"], backend,
+                    lambda: graph_ms(methods[backend], x, weight, codes, margin, repeats))
         row["fastest"] = min(row["graph_ms"], key=row["graph_ms"].get, default=None)
         useful_flops = 6 * B * L * V * D  # forward logits + both gradient products
         row["matmul_ms"] = matmul_ms(B, L, V, D, dtype, device, repeats)
         row["tflops"] = {name: useful_flops / (ms * 1e9) for name, ms in
-                         {**times, "matmul": row["matmul_ms"]}.items()}
+                         {**row["time_ms"], **{f"{b} graph": ms for b, ms in row["graph_ms"].items()},
+                          "matmul": row["matmul_ms"]}.items()}
     return row
 
 
@@ -162,13 +168,15 @@ def main():
         row = bench_shape(B, L, V, D, dtype, device, backends, args.repeats, args.margin)
         results.append(row)
         t = row["time_ms"]
-        line = f"{f'{B} x {L} x {V} x {D}':>22} {t['eager']:9.3f} {t['compile']:9.3f}"
+        nan = float("nan")
+        line = f"{f'{B} x {L} x {V} x {D}':>22} {t.get('eager', nan):9.3f} {t.get('compile', nan):9.3f}"
         for b in backends:
-            line += f" {t[b]:10.3f} {t['eager'] / t[b]:8.1f}x {t['compile'] / t[b]:7.1f}x"
+            ms = t.get(b, nan)
+            line += f" {ms:10.3f} {t.get('eager', nan) / ms:8.1f}x {t.get('compile', nan) / ms:7.1f}x"
         if "cce" in t:
             line += f"  cce {t['cce']:.3f} ms"
         if "graph_ms" in row:
-            line += "  graph " + ", ".join(f"{b} {ms * 1e3:.1f} us ({t['compile'] / ms:.0f}x comp)"
+            line += "  graph " + ", ".join(f"{b} {ms * 1e3:.1f} us ({t.get('compile', nan) / ms:.0f}x comp)"
                                            for b, ms in row["graph_ms"].items())
             line += f"  fastest {row['fastest']}"
         if "tflops" in row:

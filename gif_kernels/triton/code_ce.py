@@ -15,7 +15,6 @@ from ..constants import NORM_EPS, SIN_EPS
 _NORM_EPS = tl.constexpr(NORM_EPS)
 _SIN_EPS = tl.constexpr(SIN_EPS)
 _NEG_INF = tl.constexpr(float("-inf"))
-_NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -112,7 +111,10 @@ def _code_ce_fwd_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, loss_ptr, lse_p
     u_minus_1 = u - 1.0  # log1p(z) = log(u) * z / (u - 1) corrects the rounding of 1 + z
     log1p_z = tl.where(u_minus_1 == 0.0, z, tl.log(u) * (z / tl.where(u_minus_1 == 0.0, 1.0, u_minus_1)))
     pos_weight = tl.load(pos_weight_ptr + j)
-    loss = tl.where(in_range, pos_weight * ((row_max - target_logit) + log1p_z), _NAN)  # a bad code shows as NaN
+    loss = pos_weight * ((row_max - target_logit) + log1p_z)
+    # A bad code shows as NaN (0 / 0: a NaN global would fail Triton's check, NaN != NaN, that globals
+    # are unchanged since compilation).
+    loss = tl.where(in_range, loss, tl.zeros_like(loss) / tl.zeros_like(loss))
     loss = tl.where(target == ignore_index, 0.0, loss)
     tl.store(loss_ptr + rows, loss, mask=b_mask)
     tl.store(lse_ptr + rows, lse, mask=b_mask)
