@@ -41,7 +41,7 @@ done
 step kernels timeout 180 python bench/kernels.py --json "$out/kernels.json"
 
 python - "$steps" "$out" <<'PY'
-import json, re, subprocess, sys
+import json, re, sys
 steps_file, out = sys.argv[1:]
 steps = [json.loads(line) for line in open(steps_file)]
 summary = {"steps": steps}
@@ -51,14 +51,12 @@ try:
     summary["device"] = torch.cuda.get_device_name()
 except Exception as error:  # the build failed: say so in the summary
     summary["build_info"] = f"unavailable: {error}"
-git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
-summary["commit"] = git("rev-parse", "HEAD")
-summary["uncommitted_changes"] = bool(git("status", "--porcelain", "--untracked-files=no"))
 tests = open(f"{out}/tests.log").read()
 summary["tests"] = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tests.splitlines()[-1] if tests else "")}
 for tool in ("memcheck", "racecheck"):
-    found = re.search(r"ERROR SUMMARY: (\d+) error", open(f"{out}/{tool}.log").read())
-    summary[f"{tool}_errors"] = int(found.group(1)) if found else None
+    log = open(f"{out}/{tool}.log").read()
+    found = re.search(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", log)
+    summary[f"{tool}_errors"] = int(found.group(1) or found.group(2)) if found else None
 try:
     summary["kernels"] = json.load(open(f"{out}/kernels.json"))["results"]
 except (OSError, ValueError, KeyError):

@@ -67,10 +67,15 @@ def _require_triton(device: torch.device):
                            f"TRITON_INTERPRET=1 set before import; got tensors on {device}")
 
 
-# backend="auto" on CUDA tensors: the CUDA C++ kernels up to this V, Triton above it. The CUDA
-# kernels' one-pass small-V path covers V <= 64; above that they run cuBLAS GEMMs in the accumulation
-# dtype, which Triton's fused tensor-core tiles beat.
-AUTO_CUDA_MAX_V = 64
+# backend="auto" on CUDA tensors: (largest V, backend), first match wins. From bench/kernels.py on an
+# H100 80GB HBM3, 2026-11-27 (bf16, D = 512, CUDA-graph replay; bench/RESULTS.md): V = 16: CUDA C++
+# 96 us vs Triton 118; V = 64: Triton 128 vs 165; V = 256: Triton 171 vs 186; V = 4096: CUDA C++
+# (cuBLAS GEMMs) 3.46 ms vs 4.04; V = 32768: 61.1 ms vs 62.5.
+AUTO_CUDA_TABLE = ((32, "cuda"), (2048, "triton"), (float("inf"), "cuda"))
+
+
+def _auto_cuda_backend(num_tokens: int) -> str:
+    return next(backend for max_tokens, backend in AUTO_CUDA_TABLE if num_tokens <= max_tokens)
 
 
 def _resolve_backend(backend: str, device: torch.device, num_tokens: int, deterministic: bool) -> str:
@@ -81,9 +86,10 @@ def _resolve_backend(backend: str, device: torch.device, num_tokens: int, determ
             return "cpu"
         if device.type != "cuda":
             raise ValueError(f"x: no kernels for device {device}; use backend='reference'")
-        if has_cuda_kernels() and (deterministic or num_tokens <= AUTO_CUDA_MAX_V):
-            return "cuda"
-        backend = "triton"
+        if not has_cuda_kernels():
+            backend = "triton"
+        else:
+            backend = "cuda" if deterministic else _auto_cuda_backend(num_tokens)
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend: {backend!r} needs {backend} tensors, got tensors on {device}")
     if backend == "cuda" and not has_cuda_kernels():

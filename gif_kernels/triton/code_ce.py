@@ -18,6 +18,22 @@ _NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
+def _sqrt_rn(x):
+    """Correctly rounded sqrt: the GPU's tl.sqrt is approximate in float32 (float64's is exact)."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    return tl.sqrt(x)
+
+
+@triton.jit
+def _div_rn(x, y):
+    """Correctly rounded division: float32's '/' is approximate on the GPU (float64's is exact)."""
+    if x.dtype == tl.float32:
+        return tl.div_rn(x, y)
+    return x / y
+
+
+@triton.jit
 def _cosine_tile(f_row_ptrs, w_row_ptrs, b_mask, v_mask, D, stride_xd, stride_wd, acc_dtype: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_D: tl.constexpr):
@@ -39,11 +55,11 @@ def _cosine_tile(f_row_ptrs, w_row_ptrs, b_mask, v_mask, D, stride_xd, stride_wd
             f_sq += tl.sum(f_wide * f_wide, axis=1)
             w_sq += tl.sum(w_wide * w_wide, axis=0)
     if NORMALIZE:
-        nx = tl.maximum(tl.sqrt(f_sq), _NORM_EPS)
-        nw = tl.maximum(tl.sqrt(w_sq), _NORM_EPS)
-        # One division, not two reciprocals: parallel vectors then give exactly +-1, where ArcFace's
-        # sqrt(1 - c^2) is ill-conditioned.
-        return dots / (nx[:, None] * nw[None, :]), nx, nw
+        # Correctly rounded sqrt and one correctly rounded division (not two reciprocals): parallel
+        # vectors then give exactly +-1, where ArcFace's sqrt(1 - c^2) is ill-conditioned.
+        nx = tl.maximum(_sqrt_rn(f_sq), _NORM_EPS)
+        nw = tl.maximum(_sqrt_rn(w_sq), _NORM_EPS)
+        return _div_rn(dots, nx[:, None] * nw[None, :]), nx, nw
     return dots, tl.full((BLOCK_B,), 1.0, acc_dtype), tl.full((BLOCK_V,), 1.0, acc_dtype)
 
 
@@ -211,7 +227,7 @@ def _project_rows_kernel(acc_ptr, dot_ptr, vec_ptr, out_ptr, R, D, rows_per_oute
         mask = r_mask[:, None] & (offs_d < D)[None, :]
         vec = tl.load(vec_row_ptrs[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(acc_dtype)
         sq += tl.sum(vec * vec, axis=1)
-    norm = tl.sqrt(sq)
+    norm = _sqrt_rn(sq)
     inv_norm = 1.0 / tl.maximum(norm, _NORM_EPS)
     dot = tl.load(dot_ptr + offs_r, mask=r_mask, other=0.0)
     coef = tl.where(norm >= _NORM_EPS, dot * inv_norm, 0.0)
