@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Verifies all GPU code of the project in one call on a GPU machine: builds the package with CUDA
-# for sm_90, prints build_info(), runs the GPU tests (marked cuda, plus the Triton tests on the GPU),
-# runs compute-sanitizer (memcheck, racecheck) over a small case of every GPU kernel, then the
-# benchmarks.
-# Writes logs and summary.json to the output folder (first argument, else $OUT, else ./device_check).
+# for sm_90, runs the GPU tests (marked cuda, plus the Triton tests on the GPU), compute-sanitizer
+# (memcheck, racecheck) over a small case of every GPU kernel, and the benchmarks. Writes one log per
+# step and summary.json (build_info, test counts, sanitizer errors, benchmark results) to the output
+# folder: the argument, else $OUT, else ./device_check. About 6 minutes on an H100.
 #
-#   bash bench/device_check.sh [OUT_DIR]
+#   bash bench/device_check.sh [--quick] [OUT_DIR]
 #
-# Optional peers are benchmarked when installed (pip install cut-cross-entropy). Every step runs
-# even if an earlier one failed; the exit status is that of the first failed step.
+# --quick (about 3 minutes) leaves out the Triton shape grid, racecheck and the large benchmark
+# shapes. Optional peers are benchmarked when installed (pip install cut-cross-entropy). Every step
+# runs even if an earlier one failed; the exit status is that of the first failed step.
 set -uo pipefail
+quick=0
+if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 cd "$(dirname "$0")/.."
 out=$(mkdir -p "${1:-${OUT:-device_check}}" && cd "${1:-${OUT:-device_check}}" && pwd)
-steps=$(mktemp)
+work=$(mktemp -d)
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
 status=0
 
@@ -22,47 +25,60 @@ step() {  # step NAME COMMAND...: runs it with its output in OUT/NAME.log, recor
   echo "== $name: $*"
   "$@" > "$out/$name.log" 2>&1
   rc=$?
-  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - start))}" >> "$steps"
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - start))}" >> "$work/steps.jsonl"
   tail -n 4 "$out/$name.log"
   [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
   return 0
 }
 
-parallel=()
-python -c "import xdist" 2>/dev/null && parallel=(-n 8)
+tests=(-m "cuda or triton" tests/)
+sanitizers=(memcheck racecheck)
+kernel_shapes=()
+ids=1M,10M
+if [ $quick -eq 1 ]; then
+  tests+=(-k "not (test_shape_grid and triton)")
+  sanitizers=(memcheck)
+  kernel_shapes=(--shapes 512x6x16x512)
+  ids=10M
+fi
+python -c "import xdist" 2>/dev/null && tests+=(-n 8)
 
-# Time limits per step keep the whole check within 8 minutes on an H100.
+# Time limits per step keep a stuck step from taking the whole call.
 step build timeout 240 python -m pip install --no-build-isolation --no-deps -v -e .
-step tests timeout 240 python -m pytest -q -rfE "${parallel[@]}" -m "cuda or triton" tests/
-for tool in memcheck racecheck; do
+step tests timeout 300 python -m pytest -q -rfE "${tests[@]}"
+for tool in "${sanitizers[@]}"; do
   step "$tool" timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 \
     python -m pytest -q -x -m cuda tests/test_cuda_code_ce.py -k sanitizer_cases
 done
-step kernels timeout 180 python bench/kernels.py --json "$out/kernels.json"
+step kernels timeout 240 python bench/kernels.py "${kernel_shapes[@]}" --profile --json "$work/kernels.json"
+step scale_ids timeout 240 python bench/scale_ids.py --ids "$ids" --json "$work/scale_ids.json"
 
-python - "$steps" "$out" <<'PY'
+python - "$work" "$out" <<'PY'
 import json, re, sys
-steps_file, out = sys.argv[1:]
-steps = [json.loads(line) for line in open(steps_file)]
-summary = {"steps": steps}
+work, out = sys.argv[1:]
+summary = {"steps": [json.loads(line) for line in open(f"{work}/steps.jsonl")]}
 try:
     import gif_kernels, torch
     summary["build_info"] = gif_kernels.build_info()
     summary["device"] = torch.cuda.get_device_name()
 except Exception as error:  # the build failed: say so in the summary
     summary["build_info"] = f"unavailable: {error}"
-tests = open(f"{out}/tests.log").read()
-summary["tests"] = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tests.splitlines()[-1] if tests else "")}
+lines = open(f"{out}/tests.log").read().splitlines()
+summary["tests"] = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", lines[-1] if lines else "")}
 for tool in ("memcheck", "racecheck"):
-    log = open(f"{out}/{tool}.log").read()
+    try:
+        log = open(f"{out}/{tool}.log").read()
+    except OSError:
+        continue
     found = re.search(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", log)
     summary[f"{tool}_errors"] = int(found.group(1) or found.group(2)) if found else None
-try:
-    summary["kernels"] = json.load(open(f"{out}/kernels.json"))["results"]
-except (OSError, ValueError, KeyError):
-    summary["kernels"] = None
+for bench in ("kernels", "scale_ids"):
+    try:
+        summary[bench] = json.load(open(f"{work}/{bench}.json"))
+    except (OSError, ValueError):
+        summary[bench] = None
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
-print(json.dumps({k: v for k, v in summary.items() if k != "kernels"}, indent=1))
+print(json.dumps({k: v for k, v in summary.items() if k not in ("kernels", "scale_ids")}, indent=1))
 PY
-rm -f "$steps"
+rm -rf "$work"
 exit $status

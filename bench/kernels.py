@@ -77,6 +77,18 @@ def graph_ms(loss_fn, x, weight, codes, margin, repeats):
     return median_ms(graph.replay, "cuda", repeats)
 
 
+def print_kernel_profile(fn, x, weight, codes, margin, name, steps=5):
+    """The GPU kernels of `steps` training steps of fn, by total CUDA time (torch.profiler)."""
+    step = training_step(fn, x, weight, codes, margin)
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"-- {name}: kernels of {steps} steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+
+
 def cut_cross_entropy_loss():
     """Cut Cross-Entropy per position, or None when it is not installed (an optional peer)."""
     try:
@@ -100,7 +112,7 @@ def matmul_ms(B, L, V, D, dtype, device, repeats):
     return median_ms(lambda: (a @ w.t(), g @ w, g.t() @ a), device, repeats)
 
 
-def bench_shape(B, L, V, D, dtype, device, backends, repeats, margin):
+def bench_shape(B, L, V, D, dtype, device, backends, repeats, margin, profile=False):
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(B, D, generator=gen).to(device, dtype).requires_grad_()
     weight = torch.randn(L, V, D, generator=gen).to(device, dtype).requires_grad_()
@@ -134,6 +146,9 @@ def bench_shape(B, L, V, D, dtype, device, backends, repeats, margin):
             measure(row["graph_ms"], backend,
                     lambda: graph_ms(methods[backend], x, weight, codes, margin, repeats))
         row["fastest"] = min(row["graph_ms"], key=row["graph_ms"].get, default=None)
+        if profile:
+            for backend in backends:
+                print_kernel_profile(methods[backend], x, weight, codes, margin, f"{backend} {B}x{L}x{V}x{D}")
         useful_flops = 6 * B * L * V * D  # forward logits + both gradient products
         row["matmul_ms"] = matmul_ms(B, L, V, D, dtype, device, repeats)
         row["tflops"] = {name: useful_flops / (ms * 1e9) for name, ms in
@@ -151,6 +166,7 @@ def main():
     parser.add_argument("--margin", type=float, default=0.4, help="CosFace margin m3")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--profile", action="store_true", help="print each fused backend's GPU kernels")
     args = parser.parse_args()
     device = args.device
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
@@ -165,7 +181,8 @@ def main():
     print(f"fused_code_ce fwd+bwd, {device}, {dtype}, CosFace m3={args.margin}")
     print(header)
     for B, L, V, D in shapes:
-        row = bench_shape(B, L, V, D, dtype, device, backends, args.repeats, args.margin)
+        row = bench_shape(B, L, V, D, dtype, device, backends, args.repeats, args.margin,
+                          args.profile and device == "cuda")
         results.append(row)
         t = row["time_ms"]
         nan = float("nan")

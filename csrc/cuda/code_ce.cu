@@ -31,6 +31,9 @@ constexpr int kMaxSmallColumns = 1024;              // and L * V <= this
 constexpr int kSamplesPerBlock = 4;                 // samples sharing one read of the weights
 constexpr int kPerLane = 8;                         // feature elements per lane per step
 constexpr int kChunk = kWarp * kPerLane;            // feature elements per warp step
+constexpr int kColumnsPerStep = 4;                  // weight rows a warp loads at once (loads in flight)
+constexpr int kTileColumns = 32;                    // weight rows staged per step for grad_x
+static_assert(kChunk == kThreads, "grad_x gives each thread one feature element of a chunk");
 constexpr int kGradTileColumns = 32;                // grad_weight tile: 32 rows x 64 features,
 constexpr int kGradTileFeatures = 64;               // 8 features per thread
 constexpr int kGradTileSamples = 32;                // samples staged per step
@@ -137,6 +140,7 @@ struct SmallVSmem {
   acc_t* row_sq;    // (N,) sum of squares of weight rows
   acc_t* feat_sq;   // (kSamplesPerBlock * Lx,)
   acc_t* row_dot;   // (kSamplesPerBlock * L,) sum_v dLoss/dcos * cos (backward only)
+  acc_t* rows_tile; // (kTileColumns, kChunk): weight rows staged for grad_x (backward only)
 
   __device__ SmallVSmem(acc_t* base, int64_t N, int64_t L, int64_t Lx) {
     feats = base;
@@ -145,11 +149,12 @@ struct SmallVSmem {
     row_sq = grads + kSamplesPerBlock * N;
     feat_sq = row_sq + N;
     row_dot = feat_sq + kSamplesPerBlock * Lx;
+    rows_tile = row_dot + kSamplesPerBlock * L;
   }
   static int64_t bytes(int64_t N, int64_t L, int64_t Lx) {
     return int64_t(sizeof(acc_t)) *
            (kSamplesPerBlock * Lx * kChunk + 2 * kSamplesPerBlock * N + N + kSamplesPerBlock * Lx +
-            kSamplesPerBlock * L);
+            kSamplesPerBlock * L + kTileColumns * kChunk);
   }
 };
 
@@ -184,27 +189,36 @@ __device__ void small_v_dots(const SmallVArgs<scalar_t, acc_t>& a, int64_t b0, i
       sq = warp_sum(sq);
       if (lane == 0) sm.feat_sq[row] += sq;
     }
-    for (int64_t n = warp; n < N; n += kWarps) {
-      acc_t w[kPerLane];
-      load_lane(a.weight + n * a.D, d0 + lane * kPerLane, a.D, a.vectorized, w);
-      const int jx = a.Lx == 1 ? 0 : int(n / a.V);
-      acc_t sq = 0, part[kSamplesPerBlock];
+    // kColumnsPerStep rows per warp step: their loads are all in flight before the first use.
+    for (int64_t n0 = int64_t(warp) * kColumnsPerStep; n0 < N; n0 += kWarps * kColumnsPerStep) {
+      acc_t w[kColumnsPerStep][kPerLane];
 #pragma unroll
-      for (int k = 0; k < kPerLane; ++k) sq += w[k] * w[k];
-#pragma unroll
-      for (int s = 0; s < kSamplesPerBlock; ++s) {
-        const acc_t* f = sm.feats + (s * a.Lx + jx) * kChunk + lane;
-        part[s] = 0;
-#pragma unroll
-        for (int k = 0; k < kPerLane; ++k) part[s] += w[k] * f[k * kWarp];
+      for (int c = 0; c < kColumnsPerStep; ++c) {
+        if (n0 + c < N) load_lane(a.weight + (n0 + c) * a.D, d0 + lane * kPerLane, a.D, a.vectorized, w[c]);
       }
-      sq = warp_sum(sq);
 #pragma unroll
-      for (int s = 0; s < kSamplesPerBlock; ++s) part[s] = warp_sum(part[s]);
-      if (lane == 0) {
-        sm.row_sq[n] += sq;
+      for (int c = 0; c < kColumnsPerStep; ++c) {
+        const int64_t n = n0 + c;
+        if (n >= N) break;
+        const int jx = a.Lx == 1 ? 0 : int(n / a.V);
+        acc_t sq = 0, part[kSamplesPerBlock];
 #pragma unroll
-        for (int s = 0; s < kSamplesPerBlock; ++s) sm.dots[s * N + n] += part[s];
+        for (int k = 0; k < kPerLane; ++k) sq += w[c][k] * w[c][k];
+#pragma unroll
+        for (int s = 0; s < kSamplesPerBlock; ++s) {
+          const acc_t* f = sm.feats + (s * a.Lx + jx) * kChunk + lane;
+          part[s] = 0;
+#pragma unroll
+          for (int k = 0; k < kPerLane; ++k) part[s] += w[c][k] * f[k * kWarp];
+        }
+        sq = warp_sum(sq);
+#pragma unroll
+        for (int s = 0; s < kSamplesPerBlock; ++s) part[s] = warp_sum(part[s]);
+        if (lane == 0) {
+          sm.row_sq[n] += sq;
+#pragma unroll
+          for (int s = 0; s < kSamplesPerBlock; ++s) sm.dots[s * N + n] += part[s];
+        }
       }
     }
   }
@@ -317,16 +331,32 @@ small_v_backward_kernel(SmallVArgs<scalar_t, acc_t> a, const acc_t* grad_loss, c
   }
   __syncthreads();
   // grad of the unit feature u = x / ||x||: sum_n g_n w_n / ||w_n|| - (sum_n g_n c_n) u; then
-  // through the normalization, grad_x = that / ||x|| (the u component is already removed).
-  for (int64_t d = threadIdx.x; d < a.D; d += kThreads) {
+  // through the normalization, grad_x = that / ||x|| (the u component is already removed). Weight
+  // rows are staged in shared memory tile by tile (16-byte loads, all in flight); each thread then
+  // owns one feature element of the chunk.
+  for (int64_t d0 = 0; d0 < a.D; d0 += kChunk) {
+    const int64_t d = d0 + threadIdx.x;
     for (int jx = 0; jx < a.Lx; ++jx) {
       const int64_t n0 = a.Lx == 1 ? 0 : jx * a.V, n1 = a.Lx == 1 ? N : n0 + a.V;
       acc_t acc[kSamplesPerBlock] = {};
-      for (int64_t n = n0; n < n1; ++n) {
-        const acc_t w = static_cast<acc_t>(a.weight[n * a.D + d]);
+      for (int64_t t0 = n0; t0 < n1; t0 += kTileColumns) {
+        const int cols = int(n1 - t0 < kTileColumns ? n1 - t0 : kTileColumns);
+        __syncthreads();  // the previous tile is consumed
+        for (int i = threadIdx.x; i < cols * (kChunk / kPerLane); i += kThreads) {
+          const int c = i / (kChunk / kPerLane), part = i % (kChunk / kPerLane);
+          acc_t v[kPerLane];
+          load_lane(a.weight + (t0 + c) * a.D, d0 + part * kPerLane, a.D, a.vectorized, v);
 #pragma unroll
-        for (int s = 0; s < kSamplesPerBlock; ++s) acc[s] += sm.grads[s * N + n] * w;
+          for (int k = 0; k < kPerLane; ++k) sm.rows_tile[c * kChunk + part * kPerLane + k] = v[k];
+        }
+        __syncthreads();
+        for (int c = 0; c < cols; ++c) {
+          const acc_t w = sm.rows_tile[c * kChunk + threadIdx.x];
+#pragma unroll
+          for (int s = 0; s < kSamplesPerBlock; ++s) acc[s] += sm.grads[s * N + t0 + c] * w;
+        }
       }
+      if (d >= a.D) continue;
 #pragma unroll
       for (int s = 0; s < kSamplesPerBlock; ++s) {
         if (s >= nb) break;
