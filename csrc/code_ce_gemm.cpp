@@ -1,56 +1,98 @@
 // The GEMM driver of fused_code_ce shared by the CPU and CUDA kernels (see code_ce_gemm.h).
 #include "code_ce_gemm.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <algorithm>
+#include <optional>
+#include <vector>
 
 namespace gif {
 namespace {
 
-// Inputs in the accumulation dtype, normalized when asked, as (B, Lx, D) with Lx = 1 for shared x.
-struct Prepared {
-  at::Tensor feats;            // (B, Lx, D) unit rows (or raw with normalize=false)
-  at::Tensor rows;             // (L, V, D) unit rows (or raw)
-  at::Tensor inv_feat_norm;    // (B, Lx), undefined without normalize
-  at::Tensor inv_row_norm;     // (L, V), undefined without normalize
+// The inputs as GEMM operands: the inputs' own dtype when it is 16-bit, else the accumulation dtype.
+struct Operands {
+  at::Tensor feats;            // (B, Lx, D), Lx = 1 for shared features
+  at::Tensor rows;             // (L, V, D)
+  at::Tensor feat_norm;        // (B, Lx) clamped norms in the accumulation dtype; undefined without normalize
+  at::Tensor row_norm;         // (L, V)
   at::Tensor position_weight;  // (L,) in the accumulation dtype
+  at::ScalarType acc;
 };
 
-at::Tensor clamped_norm(const at::Tensor& t) {
-  return at::linalg_vector_norm(t, 2, {-1}).clamp_min(kNormEps);
+at::Tensor clamped_norm(const at::Tensor& t, at::ScalarType acc) {
+  return at::linalg_vector_norm(t, 2, {-1}, /*keepdim=*/false, acc).clamp_min(kNormEps);
 }
 
-Prepared prepare(const at::Tensor& x, const at::Tensor& weight,
-                 const c10::optional<at::Tensor>& position_weight, bool normalize) {
-  const auto acc = accumulation_type(x);
-  Prepared p;
-  p.feats = (x.dim() == 2 ? x.unsqueeze(1) : x).to(acc);
-  p.rows = weight.to(acc);
+Operands operands(const at::Tensor& x, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& position_weight, bool normalize) {
+  Operands o;
+  o.acc = accumulation_type(x);
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const auto operand = half ? x.scalar_type() : o.acc;
+  o.feats = (x.dim() == 2 ? x.unsqueeze(1) : x).to(operand);
+  o.rows = weight.to(operand);
   if (normalize) {
-    // Divide (not multiply by the reciprocal) so that D = 1 rows come out exactly +-1.
-    const at::Tensor feat_norm = clamped_norm(p.feats), row_norm = clamped_norm(p.rows);
-    p.feats = p.feats / feat_norm.unsqueeze(-1);
-    p.rows = p.rows / row_norm.unsqueeze(-1);
-    p.inv_feat_norm = feat_norm.reciprocal();
-    p.inv_row_norm = row_norm.reciprocal();
+    o.feat_norm = clamped_norm(o.feats, o.acc);
+    o.row_norm = clamped_norm(o.rows, o.acc);
   }
-  p.position_weight = position_weight.has_value()
-                          ? position_weight->to(acc).contiguous()
-                          : at::ones({weight.size(0)}, weight.options().dtype(acc));
-  return p;
+  o.position_weight = position_weight.has_value()
+                          ? position_weight->to(o.acc).contiguous()
+                          : at::ones({weight.size(0)}, weight.options().dtype(o.acc));
+  return o;
 }
 
-// Cosines of samples [b0, b1) as (nb, L, V); contiguous for shared features, strided otherwise.
-at::Tensor block_cosines(const Prepared& p, int64_t b0, int64_t b1) {
-  const int64_t L = p.rows.size(0), V = p.rows.size(1), D = p.rows.size(2);
-  const at::Tensor feats = p.feats.slice(0, b0, b1);
-  if (feats.size(1) == 1) {
-    return at::mm(feats.squeeze(1), p.rows.reshape({L * V, D}).t()).view({b1 - b0, L, V});
+std::optional<c10::OperatorHandle> find_op(const char* name, const char* overload) {
+  return c10::Dispatcher::singleton().findSchema({name, overload});
+}
+
+// a @ b (2-D, or batched 3-D) with output in the accumulation dtype. 16-bit operands use PyTorch's
+// GEMM with float32 output (aten::mm.dtype, CUDA) where it exists, else float32 copies of them.
+at::Tensor matmul_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  if (a.scalar_type() == acc) return a.dim() == 2 ? at::mm(a, b) : at::bmm(a, b);
+  static const auto mm_dtype = find_op("aten::mm", "dtype"), bmm_dtype = find_op("aten::bmm", "dtype");
+  const auto& op = a.dim() == 2 ? mm_dtype : bmm_dtype;
+  const auto key = c10::computeDispatchKey(c10::nullopt, a.layout(), a.device());
+  if (op.has_value() && op->hasKernelForDispatchKey(key)) {
+    return op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(a, b, acc);
   }
-  return at::bmm(feats.transpose(0, 1), p.rows.transpose(1, 2)).transpose(0, 1);
+  return matmul_acc(a.to(acc), b.to(acc), acc);
+}
+
+// g (accumulation dtype) as GEMM operands of the given dtype: g itself, or its hi and lo halves so that
+// hi + lo carries g to about 2^-16 of its size.
+std::vector<at::Tensor> operand_parts(const at::Tensor& g, at::ScalarType operand) {
+  if (g.scalar_type() == operand) return {g};
+  const at::Tensor hi = g.to(operand);
+  return {hi, (g - hi.to(g.scalar_type())).to(operand)};
+}
+
+// sum over the parts of a of part @ b.
+at::Tensor matmul_parts(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  at::Tensor out;
+  for (const at::Tensor& part : operand_parts(a, b.scalar_type())) {
+    at::Tensor product = matmul_acc(part, b, acc);
+    out = out.defined() ? out.add_(product) : product;
+  }
+  return out;
+}
+
+// Dot products of samples [b0, b1) with every weight row as (nb, L, V); strided for per-position features.
+at::Tensor block_dots(const Operands& o, int64_t b0, int64_t b1) {
+  const int64_t L = o.rows.size(0), V = o.rows.size(1), D = o.rows.size(2);
+  const at::Tensor feats = o.feats.slice(0, b0, b1);
+  if (feats.size(1) == 1) {
+    return matmul_acc(feats.squeeze(1), o.rows.reshape({L * V, D}).t(), o.acc).view({b1 - b0, L, V});
+  }
+  return matmul_acc(feats.transpose(0, 1), o.rows.transpose(1, 2), o.acc).transpose(0, 1);
 }
 
 int64_t block_rows(int64_t L, int64_t V, int64_t block_elements) {
   return std::max<int64_t>(1, block_elements / (L * V));
+}
+
+at::Tensor slice_or_undefined(const at::Tensor& t, int64_t b0, int64_t b1) {
+  return t.defined() ? t.slice(0, b0, b1) : t;
 }
 
 }  // namespace
@@ -70,15 +112,16 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_forward(
     const c10::optional<at::Tensor>& position_weight, double scale, double m2, double m3,
     bool normalize, int64_t ignore_index, int64_t block_elements, const ForwardRowStep& row_step) {
   const int64_t B = x.size(0), L = weight.size(0), V = weight.size(1);
-  const Prepared p = prepare(x, weight, position_weight, normalize);
+  const Operands o = operands(x, weight, position_weight, normalize);
   const at::Tensor codes64 = codes.to(at::kLong).contiguous();
-  at::Tensor loss = at::empty({B, L}, p.rows.options());
-  at::Tensor lse = at::empty({B, L}, p.rows.options());
+  at::Tensor loss = at::empty({B, L}, o.position_weight.options());
+  at::Tensor lse = at::empty({B, L}, o.position_weight.options());
   const int64_t rows_per_block = block_rows(L, V, block_elements);
   for (int64_t b0 = 0; b0 < B; b0 += rows_per_block) {
     const int64_t b1 = std::min(B, b0 + rows_per_block);
-    row_step({block_cosines(p, b0, b1), codes64.slice(0, b0, b1), p.position_weight,
-              loss.slice(0, b0, b1), lse.slice(0, b0, b1), scale, m2, m3, ignore_index});
+    row_step({block_dots(o, b0, b1), slice_or_undefined(o.feat_norm, b0, b1), o.row_norm,
+              codes64.slice(0, b0, b1), o.position_weight, loss.slice(0, b0, b1), lse.slice(0, b0, b1),
+              scale, m2, m3, ignore_index});
   }
   return {loss, lse};
 }
@@ -89,43 +132,49 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     const at::Tensor& lse, double scale, double m2, double m3, bool normalize,
     int64_t ignore_index, int64_t block_elements, const BackwardRowStep& row_step) {
   const int64_t B = x.size(0), L = weight.size(0), V = weight.size(1), D = weight.size(2);
-  const Prepared p = prepare(x, weight, position_weight, normalize);
-  const bool shared = p.feats.size(1) == 1;
-  const auto acc = p.rows.scalar_type();
+  const Operands o = operands(x, weight, position_weight, normalize);
+  const bool shared = o.feats.size(1) == 1;
   const at::Tensor codes64 = codes.to(at::kLong).contiguous();
-  const at::Tensor grad_rows = grad_loss.to(acc).contiguous();
-  const at::Tensor saved_lse = lse.to(acc).contiguous();
-  at::Tensor grad_feats = at::empty_like(p.feats);
-  at::Tensor grad_rows_acc = at::zeros_like(p.rows);             // sum_b gc_bv * feat_b
-  at::Tensor row_dot_cos = at::zeros({L, V}, p.rows.options());  // sum_b gc_bv * c_bv
+  const at::Tensor grad_rows = grad_loss.to(o.acc).contiguous();
+  const at::Tensor saved_lse = lse.to(o.acc).contiguous();
+  const auto acc_options = o.position_weight.options();
+  at::Tensor grad_feats = at::empty({B, o.feats.size(1), D}, acc_options);
+  at::Tensor grad_rows_acc = at::zeros({L, V, D}, acc_options);  // sum_b grad_for_rows_bv * feat_b
+  at::Tensor row_dot_cos = at::zeros({L, V}, acc_options);       // sum_b dLoss/dcos_bv * cos_bv
   const int64_t rows_per_block = block_rows(L, V, block_elements);
   for (int64_t b0 = 0; b0 < B; b0 += rows_per_block) {
     const int64_t b1 = std::min(B, b0 + rows_per_block), nb = b1 - b0;
-    const at::Tensor cos = block_cosines(p, b0, b1);
-    at::Tensor gc = at::empty({nb, L, V}, cos.options());
-    at::Tensor feat_dot = at::empty({nb, L}, cos.options());
-    row_step({cos, codes64.slice(0, b0, b1), p.position_weight, grad_rows.slice(0, b0, b1),
-              saved_lse.slice(0, b0, b1), gc, feat_dot, scale, m2, m3, ignore_index});
-    const at::Tensor feats = p.feats.slice(0, b0, b1);
+    const at::Tensor dots = block_dots(o, b0, b1);
+    at::Tensor grad_for_feats = at::empty({nb, L, V}, acc_options);
+    at::Tensor grad_for_rows = at::empty({nb, L, V}, acc_options);
+    at::Tensor feat_dot = at::empty({nb, L}, acc_options);
+    const at::Tensor feat_norm = slice_or_undefined(o.feat_norm, b0, b1);
+    row_step({dots, feat_norm, o.row_norm, codes64.slice(0, b0, b1), o.position_weight,
+              grad_rows.slice(0, b0, b1), saved_lse.slice(0, b0, b1), grad_for_feats, grad_for_rows,
+              feat_dot, scale, m2, m3, ignore_index});
+    const at::Tensor feats = o.feats.slice(0, b0, b1);
     at::Tensor grad_block;
     if (shared) {
-      grad_block = at::mm(gc.view({nb, L * V}), p.rows.reshape({L * V, D})).unsqueeze(1);
-      grad_rows_acc.view({L * V, D}).addmm_(gc.view({nb, L * V}).t(), feats.squeeze(1));
+      grad_block = matmul_parts(grad_for_feats.view({nb, L * V}), o.rows.reshape({L * V, D}), o.acc)
+                       .unsqueeze(1);
+      grad_rows_acc.view({L * V, D}).add_(matmul_parts(grad_for_rows.view({nb, L * V}).t(), feats.squeeze(1), o.acc));
       if (normalize) feat_dot = feat_dot.sum(1, /*keepdim=*/true);
     } else {
-      grad_block = at::bmm(gc.transpose(0, 1), p.rows).transpose(0, 1);
-      grad_rows_acc.baddbmm_(gc.permute({1, 2, 0}), feats.transpose(0, 1));
+      grad_block = matmul_parts(grad_for_feats.transpose(0, 1), o.rows, o.acc).transpose(0, 1);
+      grad_rows_acc.add_(matmul_parts(grad_for_rows.permute({1, 2, 0}), feats.transpose(0, 1), o.acc));
     }
     if (normalize) {
-      grad_block.sub_(feats * feat_dot.unsqueeze(-1));
-      row_dot_cos.add_((gc * cos).sum(0));
+      // Through v / ||v||: grad = (grad_unit - unit * (unit . grad_unit)) / ||v||, unit = v / ||v||.
+      const at::Tensor norm = feat_norm.unsqueeze(-1);
+      grad_block.sub_(feats.to(o.acc) / norm * feat_dot.unsqueeze(-1)).div_(norm);
+      // sum_b dLoss/dcos * cos = sum_b grad_for_rows * dots / row_norm.
+      row_dot_cos.add_((grad_for_rows * dots).sum(0));
     }
     grad_feats.slice(0, b0, b1).copy_(grad_block);
   }
   if (normalize) {
-    // Through v / ||v||: grad = (grad_unit - unit * (unit . grad_unit)) / ||v||.
-    grad_feats.mul_(p.inv_feat_norm.unsqueeze(-1));
-    grad_rows_acc.sub_(p.rows * row_dot_cos.unsqueeze(-1)).mul_(p.inv_row_norm.unsqueeze(-1));
+    const at::Tensor norm = o.row_norm.unsqueeze(-1);
+    grad_rows_acc.sub_(o.rows.to(o.acc) / norm * (row_dot_cos.unsqueeze(-1) / norm)).div_(norm);
   }
   at::Tensor grad_x = (x.dim() == 2 ? grad_feats.squeeze(1) : grad_feats).to(x.scalar_type());
   return {grad_x, grad_rows_acc.to(weight.scalar_type())};

@@ -1,7 +1,10 @@
-// fused_code_ce through GEMMs: the cosines of a block of samples come from one matrix product against
-// the normalized weights; a device-specific row step turns each block's cosines into loss and lse
-// (forward) or into the gradient factors dLoss/dcos (backward); the gradients are two more products
-// per block. Blocks bound the temporary memory, so no (B, L, V) tensor exists at once or is kept for
+// fused_code_ce through GEMMs: the dot products of a block of samples with every weight row come
+// from one matrix product of the raw inputs (float16/bfloat16 inputs on tensor cores with float32
+// accumulation, where PyTorch has that GEMM for the device); a device-specific row step divides them
+// by the norms into cosines and turns those into loss and lse (forward) or into the gradient factors
+// dLoss/dcos (backward); the gradients are two more products per block, with the factors sent as
+// hi + lo halves when the inputs are 16-bit (they hold terms of size `scale` that cancel down to
+// O(1)). Blocks bound the temporary memory, so no (B, L, V) tensor exists at once or is kept for
 // backward. The CPU kernels use this for every shape, the CUDA kernels beyond the small-V kernel.
 #pragma once
 
@@ -30,10 +33,13 @@ RowParams<T> row_params(double scale, double m2, double m3, int64_t ignore_index
   return {T(scale), T(m2), T(m3), T(std::cos(m2)), T(std::sin(m2)), ignore_index};
 }
 
-// One block of rows, samples [b0, b0 + nb). cos is (nb, L, V), possibly strided; codes, lse and loss
-// are the block's (nb, L) slices (contiguous); position_weight is (L,) in the accumulation dtype.
+// One block of rows, samples [b0, b0 + nb). dots is (nb, L, V) in the accumulation dtype, possibly
+// strided; with normalization the cosine is dots / (feat_norm[b, jx] * row_norm[j, v]) (jx = 0 for
+// shared features, else j), without it feat_norm and row_norm are undefined and the cosine is the dot.
+// codes, lse and loss are the block's (nb, L) slices (contiguous); position_weight is (L,) in the
+// accumulation dtype.
 struct ForwardBlock {
-  at::Tensor cos, codes, position_weight, loss, lse;
+  at::Tensor dots, feat_norm, row_norm, codes, position_weight, loss, lse;
   double scale, m2, m3;
   int64_t ignore_index;
 };
@@ -41,15 +47,17 @@ struct ForwardBlock {
 using ForwardRowStep = std::function<void(const ForwardBlock&)>;
 
 struct BackwardBlock {
-  at::Tensor cos, codes, position_weight, grad_loss, lse;  // grad_loss and lse in the accumulation dtype
-  at::Tensor grad_cos;  // out: (nb, L, V) contiguous, dLoss/dcos (0 on ignored rows)
-  at::Tensor cos_dot;   // out: (nb, L), sum_v grad_cos * cos
+  at::Tensor dots, feat_norm, row_norm, codes, position_weight;
+  at::Tensor grad_loss, lse;   // in the accumulation dtype
+  at::Tensor grad_for_feats;   // out: (nb, L, V) contiguous, dLoss/dcos / row_norm (0 on ignored rows)
+  at::Tensor grad_for_rows;    // out: (nb, L, V) contiguous, dLoss/dcos / feat_norm
+  at::Tensor cos_dot;          // out: (nb, L), sum_v dLoss/dcos * cos
   double scale, m2, m3;
   int64_t ignore_index;
 };
 using BackwardRowStep = std::function<void(const BackwardBlock&)>;
 
-// block_elements bounds the cosines of one block (the backward keeps two such tensors).
+// block_elements bounds the dot products of one block (the backward keeps about four such tensors).
 std::tuple<at::Tensor, at::Tensor> gemm_code_ce_forward(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& codes,
     const c10::optional<at::Tensor>& position_weight, double scale, double m2, double m3,

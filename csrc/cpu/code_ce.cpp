@@ -1,5 +1,5 @@
 // fused_code_ce on the CPU: the GEMM driver (code_ce_gemm.h, MKL / oneDNN through ATen) with the
-// margin, logsumexp and gradient factors fused per row (OpenMP over rows).
+// cosines, margin, logsumexp and gradient factors fused per row (OpenMP over rows).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -15,74 +15,98 @@ namespace {
 constexpr int64_t kBlockElements = int64_t(1) << 22;  // cosines per block (16 MB in float32)
 constexpr int64_t kRowsPerTask = 16;                  // rows of a block per parallel task
 
-// logsumexp over V cosines at stride `step`, with the target logit substituted at t (if valid).
+// One row's cosines: dots at stride `step` divided by the feature's and each weight row's norm.
 template <typename T>
-T row_logsumexp(const RowParams<T>& rp, const T* cos, int64_t step, int64_t V, int64_t t, T logit_t) {
+struct RowCosines {
+  const T* dots;
+  int64_t step;
+  T feat_norm;         // 0 without normalization
+  const T* row_norm;   // (V,) of the row's position
+
+  T operator[](int64_t v) const {
+    return feat_norm > 0 ? dots[v * step] / (feat_norm * row_norm[v]) : dots[v * step];
+  }
+};
+
+// The cosines of row r = b * L + j of a block.
+template <typename T>
+RowCosines<T> row_cosines(const at::Tensor& dots, const at::Tensor& feat_norm, const at::Tensor& row_norm,
+                          int64_t r) {
+  const int64_t L = dots.size(1), V = dots.size(2), b = r / L, j = r % L;
+  const T* base = dots.data_ptr<T>() + b * dots.stride(0) + j * dots.stride(1);
+  if (!feat_norm.defined()) return {base, dots.stride(2), T(0), nullptr};
+  const int64_t jx = feat_norm.size(1) == 1 ? 0 : j;
+  return {base, dots.stride(2), feat_norm.data_ptr<T>()[b * feat_norm.size(1) + jx],
+          row_norm.data_ptr<T>() + j * V};
+}
+
+// logsumexp over the row's V logits, with the target logit substituted at t (if valid).
+template <typename T>
+T row_logsumexp(const RowParams<T>& rp, const RowCosines<T>& c, int64_t V, int64_t t, T logit_t) {
   T top = -std::numeric_limits<T>::infinity();
-  for (int64_t v = 0; v < V; ++v) top = std::max(top, v == t ? logit_t : rp.scale * cos[v * step]);
+  for (int64_t v = 0; v < V; ++v) top = std::max(top, v == t ? logit_t : rp.scale * c[v]);
   T sum = 0;
-  for (int64_t v = 0; v < V; ++v) sum += std::exp((v == t ? logit_t : rp.scale * cos[v * step]) - top);
+  for (int64_t v = 0; v < V; ++v) sum += std::exp((v == t ? logit_t : rp.scale * c[v]) - top);
   return top + std::log(sum);
 }
 
 void forward_rows(const ForwardBlock& blk) {
-  const int64_t nb = blk.cos.size(0), L = blk.cos.size(1), V = blk.cos.size(2);
-  AT_DISPATCH_FLOATING_TYPES(blk.cos.scalar_type(), "code_ce_forward_rows", [&] {
+  const int64_t nb = blk.dots.size(0), L = blk.dots.size(1), V = blk.dots.size(2);
+  AT_DISPATCH_FLOATING_TYPES(blk.dots.scalar_type(), "code_ce_forward_rows", [&] {
     const auto rp = row_params<scalar_t>(blk.scale, blk.m2, blk.m3, blk.ignore_index);
     const scalar_t* lambda = blk.position_weight.data_ptr<scalar_t>();
     const int64_t* code = blk.codes.data_ptr<int64_t>();
-    const scalar_t* cos_data = blk.cos.data_ptr<scalar_t>();
-    const int64_t sb = blk.cos.stride(0), sj = blk.cos.stride(1), sv = blk.cos.stride(2);
     scalar_t* loss_out = blk.loss.data_ptr<scalar_t>();
     scalar_t* lse_out = blk.lse.data_ptr<scalar_t>();
     at::parallel_for(0, nb * L, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / L, j = r % L;
-        const scalar_t* c = cos_data + b * sb + j * sj;
+        const auto c = row_cosines<scalar_t>(blk.dots, blk.feat_norm, blk.row_norm, r);
         const int64_t t = code[r];
         const bool ignored = t == rp.ignore_index;
         scalar_t dphi;
-        const scalar_t logit_t = ignored ? scalar_t(0) : rp.target_logit(c[t * sv], &dphi);
-        const scalar_t row_lse = row_logsumexp(rp, c, sv, V, ignored ? -1 : t, logit_t);
+        const scalar_t logit_t = ignored ? scalar_t(0) : rp.target_logit(c[t], &dphi);
+        const scalar_t row_lse = row_logsumexp(rp, c, V, ignored ? -1 : t, logit_t);
         lse_out[r] = row_lse;
-        loss_out[r] = ignored ? scalar_t(0) : lambda[j] * (row_lse - logit_t);
+        loss_out[r] = ignored ? scalar_t(0) : lambda[r % L] * (row_lse - logit_t);
       }
     });
   });
 }
 
 void backward_rows(const BackwardBlock& blk) {
-  const int64_t nb = blk.cos.size(0), L = blk.cos.size(1), V = blk.cos.size(2);
-  AT_DISPATCH_FLOATING_TYPES(blk.cos.scalar_type(), "code_ce_backward_rows", [&] {
+  const int64_t nb = blk.dots.size(0), L = blk.dots.size(1), V = blk.dots.size(2);
+  AT_DISPATCH_FLOATING_TYPES(blk.dots.scalar_type(), "code_ce_backward_rows", [&] {
     const auto rp = row_params<scalar_t>(blk.scale, blk.m2, blk.m3, blk.ignore_index);
     const scalar_t* lambda = blk.position_weight.data_ptr<scalar_t>();
     const int64_t* code = blk.codes.data_ptr<int64_t>();
     const scalar_t* grad_row = blk.grad_loss.data_ptr<scalar_t>();
     const scalar_t* lse_row = blk.lse.data_ptr<scalar_t>();
-    const scalar_t* cos_data = blk.cos.data_ptr<scalar_t>();
-    const int64_t sb = blk.cos.stride(0), sj = blk.cos.stride(1), sv = blk.cos.stride(2);
-    scalar_t* gc_data = blk.grad_cos.data_ptr<scalar_t>();
+    scalar_t* for_feats = blk.grad_for_feats.data_ptr<scalar_t>();
+    scalar_t* for_rows = blk.grad_for_rows.data_ptr<scalar_t>();
     scalar_t* cos_dot = blk.cos_dot.data_ptr<scalar_t>();
     at::parallel_for(0, nb * L, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / L, j = r % L;
-        const scalar_t* c = cos_data + b * sb + j * sj;
-        scalar_t* g = gc_data + r * V;
+        const auto c = row_cosines<scalar_t>(blk.dots, blk.feat_norm, blk.row_norm, r);
+        scalar_t* gf = for_feats + r * V;
+        scalar_t* gr = for_rows + r * V;
         const int64_t t = code[r];
         if (t == rp.ignore_index) {
-          std::fill(g, g + V, scalar_t(0));
+          std::fill(gf, gf + V, scalar_t(0));
+          std::fill(gr, gr + V, scalar_t(0));
           cos_dot[r] = 0;
           continue;
         }
-        const scalar_t weight_g = grad_row[r] * lambda[j];
+        const scalar_t weight_g = grad_row[r] * lambda[r % L];
         scalar_t dphi;
-        const scalar_t logit_t = rp.target_logit(c[t * sv], &dphi);
+        const scalar_t logit_t = rp.target_logit(c[t], &dphi);
         scalar_t dot = 0;
         for (int64_t v = 0; v < V; ++v) {
-          const scalar_t cv = c[v * sv];
+          const scalar_t cv = c[v];
           const scalar_t prob = std::exp((v == t ? logit_t : rp.scale * cv) - lse_row[r]);
-          g[v] = weight_g * rp.scale * (v == t ? (prob - 1) * dphi : prob);
-          dot += g[v] * cv;
+          const scalar_t g = weight_g * rp.scale * (v == t ? (prob - 1) * dphi : prob);
+          gf[v] = c.feat_norm > 0 ? g / c.row_norm[v] : g;
+          gr[v] = c.feat_norm > 0 ? g / c.feat_norm : g;
+          dot += g * cv;
         }
         cos_dot[r] = dot;
       }

@@ -7,7 +7,8 @@
 // grad_weight kernel that reduces over samples in fixed-size splits (per-block partials, then one
 // reduction in a fixed order): gradients are bitwise reproducible, with no global atomics.
 //
-// Larger V: the GEMM driver of code_ce_gemm.h (cuBLAS through ATen) with row kernels here.
+// Larger V: the GEMM driver of code_ce_gemm.h (cuBLAS through ATen, bf16/fp16 on tensor cores) with
+// row kernels here.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -459,29 +460,44 @@ __global__ void small_v_grad_weight_reduce_kernel(SmallVArgs<scalar_t, acc_t> a,
   }
 }
 
-// ---- Row kernels of the GEMM path: one warp per (sample, position) row over cosines (nb, L, V).
+// ---- Row kernels of the GEMM path: one warp per (sample, position) row of the dots (nb, L, V).
 
 template <typename T>
-struct CosRows {
-  const T* cos;
+struct DotRows {
+  const T* dots;
   int64_t sb, sj, sv, rows, L, V;
+  const T* feat_norm;  // (nb, Lx); null without normalization
+  const T* row_norm;   // (L, V)
+  int64_t Lx;
   const int64_t* codes;
   const T* lambda;
   RowParams<T> rp;
+
+  // The row's feature norm (1 without normalization) and its cosine with token v.
+  __device__ __forceinline__ T feat_norm_of(int64_t row) const {
+    return feat_norm ? feat_norm[(row / L) * Lx + (Lx == 1 ? 0 : row % L)] : T(1);
+  }
+  __device__ __forceinline__ T cos(const T* row_dots, int64_t j, int64_t v, T norm) const {
+    // One division, as the other backends: parallel vectors then give exactly +-1.
+    return feat_norm ? row_dots[v * sv] / (norm * row_norm[j * V + v]) : row_dots[v * sv];
+  }
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gemm_forward_rows_kernel(CosRows<T> a, T* loss, T* lse) {
+__global__ void __launch_bounds__(kThreads) gemm_forward_rows_kernel(DotRows<T> a, T* loss, T* lse) {
   const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= a.rows) return;
   const int64_t j = row % a.L;
-  const T* c = a.cos + (row / a.L) * a.sb + j * a.sj;
+  const T* dots = a.dots + (row / a.L) * a.sb + j * a.sj;
+  const T norm = a.feat_norm_of(row);
   const Target tg(a.codes[row], a.V, a.rp.ignore_index);
   T dphi, logit_t = 0;
-  if (tg.valid) logit_t = a.rp.target_logit(c[tg.t * a.sv], &dphi);
+  if (tg.valid) logit_t = a.rp.target_logit(a.cos(dots, j, tg.t, norm), &dphi);
   OnlineLse<T> acc;
-  for (int64_t v = lane; v < a.V; v += kWarp) acc.add(tg.valid && v == tg.t ? logit_t : a.rp.scale * c[v * a.sv]);
+  for (int64_t v = lane; v < a.V; v += kWarp) {
+    acc.add(tg.valid && v == tg.t ? logit_t : a.rp.scale * a.cos(dots, j, v, norm));
+  }
   const T row_lse = acc.warp_result();
   if (lane == 0) {
     lse[row] = tg.valid || tg.ignored ? row_lse : quiet_nan<T>();
@@ -491,41 +507,47 @@ __global__ void __launch_bounds__(kThreads) gemm_forward_rows_kernel(CosRows<T> 
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-gemm_backward_rows_kernel(CosRows<T> a, const T* grad_loss, const T* lse, T* grad_cos_out, T* cos_dot) {
+gemm_backward_rows_kernel(DotRows<T> a, const T* grad_loss, const T* lse, T* grad_for_feats,
+                          T* grad_for_rows, T* cos_dot) {
   const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= a.rows) return;
   const int64_t j = row % a.L;
-  const T* c = a.cos + (row / a.L) * a.sb + j * a.sj;
-  T* g = grad_cos_out + row * a.V;
+  const T* dots = a.dots + (row / a.L) * a.sb + j * a.sj;
+  const T norm = a.feat_norm_of(row);
   const Target tg(a.codes[row], a.V, a.rp.ignore_index);
   T dphi = 1, logit_t = 0;
-  if (tg.valid) logit_t = a.rp.target_logit(c[tg.t * a.sv], &dphi);
+  if (tg.valid) logit_t = a.rp.target_logit(a.cos(dots, j, tg.t, norm), &dphi);
   const T row_grad = tg.valid ? grad_loss[row] * a.lambda[j] : tg.ignored ? T(0) : quiet_nan<T>();
   T dot = 0;
   for (int64_t v = lane; v < a.V; v += kWarp) {
-    const T cv = c[v * a.sv];
-    g[v] = tg.ignored ? T(0) : grad_cos(a.rp, cv, tg.valid && v == tg.t, logit_t, dphi, lse[row], row_grad);
-    dot += g[v] * cv;
+    const T c = a.cos(dots, j, v, norm);
+    const T g = tg.ignored ? T(0) : grad_cos(a.rp, c, tg.valid && v == tg.t, logit_t, dphi, lse[row], row_grad);
+    grad_for_feats[row * a.V + v] = a.feat_norm ? g / a.row_norm[j * a.V + v] : g;
+    grad_for_rows[row * a.V + v] = g / norm;
+    dot += g * c;
   }
   dot = warp_sum(dot);
   if (lane == 0) cos_dot[row] = dot;
 }
 
 template <typename T>
-CosRows<T> cos_rows(const at::Tensor& cos, const at::Tensor& codes, const at::Tensor& position_weight,
-                    double scale, double m2, double m3, int64_t ignore_index) {
-  return {cos.data_ptr<T>(), cos.stride(0), cos.stride(1), cos.stride(2), cos.size(0) * cos.size(1),
-          cos.size(1), cos.size(2), codes.data_ptr<int64_t>(), position_weight.data_ptr<T>(),
-          row_params<T>(scale, m2, m3, ignore_index)};
+DotRows<T> dot_rows(const at::Tensor& dots, const at::Tensor& feat_norm, const at::Tensor& row_norm,
+                    const at::Tensor& codes, const at::Tensor& position_weight, double scale, double m2,
+                    double m3, int64_t ignore_index) {
+  const bool normalize = feat_norm.defined();
+  return {dots.data_ptr<T>(), dots.stride(0), dots.stride(1), dots.stride(2), dots.size(0) * dots.size(1),
+          dots.size(1), dots.size(2), normalize ? feat_norm.data_ptr<T>() : nullptr,
+          normalize ? row_norm.data_ptr<T>() : nullptr, normalize ? feat_norm.size(1) : 1,
+          codes.data_ptr<int64_t>(), position_weight.data_ptr<T>(), row_params<T>(scale, m2, m3, ignore_index)};
 }
 
 int64_t row_blocks(int64_t rows) { return (rows + kWarps - 1) / kWarps; }
 
 void forward_rows_cuda(const ForwardBlock& blk) {
-  AT_DISPATCH_FLOATING_TYPES(blk.cos.scalar_type(), "code_ce_forward_rows_cuda", [&] {
-    const auto a = cos_rows<scalar_t>(blk.cos, blk.codes, blk.position_weight, blk.scale, blk.m2, blk.m3,
-                                      blk.ignore_index);
+  AT_DISPATCH_FLOATING_TYPES(blk.dots.scalar_type(), "code_ce_forward_rows_cuda", [&] {
+    const auto a = dot_rows<scalar_t>(blk.dots, blk.feat_norm, blk.row_norm, blk.codes, blk.position_weight,
+                                      blk.scale, blk.m2, blk.m3, blk.ignore_index);
     if (a.rows == 0) return;
     gemm_forward_rows_kernel<<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         a, blk.loss.data_ptr<scalar_t>(), blk.lse.data_ptr<scalar_t>());
@@ -534,13 +556,14 @@ void forward_rows_cuda(const ForwardBlock& blk) {
 }
 
 void backward_rows_cuda(const BackwardBlock& blk) {
-  AT_DISPATCH_FLOATING_TYPES(blk.cos.scalar_type(), "code_ce_backward_rows_cuda", [&] {
-    const auto a = cos_rows<scalar_t>(blk.cos, blk.codes, blk.position_weight, blk.scale, blk.m2, blk.m3,
-                                      blk.ignore_index);
+  AT_DISPATCH_FLOATING_TYPES(blk.dots.scalar_type(), "code_ce_backward_rows_cuda", [&] {
+    const auto a = dot_rows<scalar_t>(blk.dots, blk.feat_norm, blk.row_norm, blk.codes, blk.position_weight,
+                                      blk.scale, blk.m2, blk.m3, blk.ignore_index);
     if (a.rows == 0) return;
     gemm_backward_rows_kernel<<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         a, blk.grad_loss.data_ptr<scalar_t>(), blk.lse.data_ptr<scalar_t>(),
-        blk.grad_cos.data_ptr<scalar_t>(), blk.cos_dot.data_ptr<scalar_t>());
+        blk.grad_for_feats.data_ptr<scalar_t>(), blk.grad_for_rows.data_ptr<scalar_t>(),
+        blk.cos_dot.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
