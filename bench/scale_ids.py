@@ -1,0 +1,556 @@
+"""Headline benchmark: what a face-recognition head costs per training step as identities grow.
+
+For each identity count N it compares one step of the head (forward + backward) of
+  full softmax        an (N, D) weight; CosFace margin cross-entropy over all N classes
+  partial fc R%       insightface's Partial FC (An et al. 2021): the batch's positive classes plus
+                      uniformly sampled negatives, R*N classes in all, rows gathered from (N, D)
+  code head eager     gif_kernels.reference.fused_code_ce: L V-way classifiers with V^L >= N
+  code head compile   the same under torch.compile
+  fused <backend>     gif_kernels.fused_code_ce on each backend of the device
+Every row gets the analytic head FLOPs and parameter / gradient / optimizer bytes. Rows whose step
+fits the free memory are also run: median step time, and on CUDA the peak memory beyond
+parameters and inputs. The others say what they would need. All heads use normalized features
+and weights, scale 64 and CosFace margin 0.4.
+
+    python bench/scale_ids.py --ids 10M
+    python bench/scale_ids.py --ids 1M,10M,100M --json out.json --csv out.csv --plot out.png
+"""
+import argparse
+import csv
+import dataclasses
+import functools
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from decimal import Decimal, DecimalException
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import gif_kernels
+from gif_kernels import reference
+
+SCALE = 64.0
+MARGIN = 0.4  # CosFace m3, as in fused_code_ce(m3=0.4)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FULL_SOFTMAX = "full softmax"
+METHOD_KINDS = ("full", "partial", "eager", "compile", "fused")
+MAX_IDS = 10**12  # keeps the analytic figures finite and meaningful
+COUNT_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+COUNT = re.compile(r"(\d+\.?\d*|\.\d+)(e[+-]?\d+)?([kmg]?)", re.IGNORECASE)
+RESULT_FIELDS = ("method", "ids", "length", "classes", "head_flops", "flops_ratio_vs_full",
+                 "param_bytes", "grad_bytes", "optimizer_bytes", "state_bytes", "step_bytes_estimate",
+                 "time_ms", "timed_steps", "speedup_vs_full", "peak_extra_bytes", "skipped")
+NOTES = {
+    "head_flops": "the three matrix products of a C-class head, 6*B*D*C (logits, grad of the "
+                  "features, grad of the weight); normalization, margin and softmax are O(B*C + C*D) "
+                  "elementwise terms, under 1% for B and D in the hundreds, and are not counted",
+    "classes": "full softmax N; Partial FC max(int(rate*N), min(B, N)) (its positives at most B); "
+               "code head L*V",
+    "param_bytes": "full softmax and Partial FC keep all N*D parameters; the code head L*V*D",
+    "grad_bytes": "Partial FC indexes the full weight as insightface's partial_fc_v2 does, so "
+                  "autograd returns a dense (N, D) gradient, zero outside the sampled rows",
+    "optimizer_bytes": "SGD with momentum: one buffer the size of the parameters",
+    "time_ms": "median of the timed steps after warm-up; a step is forward + backward of the head "
+               "alone (CUDA events on a GPU, perf_counter on the CPU), its gradients dropped after",
+    "step_bytes_estimate": "what a measured step is expected to hold at its peak, parameters "
+                           "included; a row runs only where it fits the free memory",
+    "peak_extra_bytes": "CUDA only: torch.cuda.max_memory_allocated() during one step minus what "
+                        "was allocated before it (parameters and inputs); PyTorch keeps no allocator "
+                        "statistics for CPU tensors, so it is null on the CPU",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # one of METHOD_KINDS
+    rate: float | None = None  # Partial FC's sample rate
+    backend: str | None = None  # fused_code_ce's backend
+
+
+# ----------------------------------------------------------------------------- argument parsing
+
+def parse_count(text):
+    """'10M', '1.5M', '100K', '1e7', '10000000', '1G' -> a positive integer."""
+    match = COUNT.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"expected a count like 10M, 1.5M, 100K, 1e7 or 10000000, got {text!r}")
+    too_large = argparse.ArgumentTypeError(f"expected at most {MAX_IDS:.0e} identities, got {text!r}")
+    try:
+        value = Decimal(match[1] + (match[2] or "")) * COUNT_SUFFIXES[match[3].upper()]
+    except DecimalException:  # an exponent past what Decimal holds
+        raise too_large from None
+    if value > MAX_IDS:
+        raise too_large
+    if value < 1 or value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(value)
+
+
+def comma_list(parse_item):
+    """An argparse type that applies parse_item to each item of a comma-separated list."""
+    def parse(text):
+        return [parse_item(item) for item in text.split(",")]
+    return parse
+
+
+def parse_rate(text):
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < rate <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a sample rate in (0, 1], got {text!r}")
+    return rate
+
+
+def parse_method_kind(text):
+    if text not in METHOD_KINDS:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(METHOD_KINDS)}, got {text!r}")
+    return text
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def code_length(num_ids, vocab):
+    """The smallest L with vocab**L >= num_ids."""
+    length, capacity = 1, vocab
+    while capacity < num_ids:
+        length, capacity = length + 1, capacity * vocab
+    return length
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ids", type=comma_list(parse_count), default=[10**6, 10**7, 10**8],
+                        help="identity counts, e.g. 10M or 1M,10M,100M (also 1e7, 10000000)")
+    parser.add_argument("--batch", type=positive_int, default=512)
+    parser.add_argument("--dim", type=positive_int, default=512, help="feature size D")
+    parser.add_argument("--vocab", type=positive_int, default=16, help="code vocabulary V (>= 2)")
+    parser.add_argument("--length", type=positive_int,
+                        help="code length L (default: the smallest with V^L >= N)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--sample-rate", type=comma_list(parse_rate), default=[0.1, 0.3],
+                        help="Partial FC sample rates in (0, 1]")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", type=comma_list(parse_method_kind), default=list(METHOD_KINDS),
+                        help=f"which methods to include (default: all of {','.join(METHOD_KINDS)})")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed steps per row at most")
+    parser.add_argument("--max-seconds", type=float, default=20.0,
+                        help="stop timing a row after this many seconds of timed steps (at least one)")
+    parser.add_argument("--max-memory-gb", type=float, default=16.0,
+                        help="on the CPU, run only steps that fit this much RAM in all (default 16)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--csv", help="write the results here")
+    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parsed arguments with the defaults that depend on the device filled in."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.ids = sorted(set(args.ids))
+    if args.vocab < 2:
+        parser.error(f"argument --vocab: expected at least 2, got {args.vocab}")
+    if args.length is not None and args.vocab ** args.length < args.ids[-1]:
+        parser.error(f"argument --length: vocab {args.vocab} and length {args.length} give "
+                     f"{args.vocab ** args.length} codes, fewer than {args.ids[-1]} identities")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda is not available here")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("argument --plot: needs matplotlib (pip install matplotlib)")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    return args
+
+
+# ----------------------------------------------------------------------------- analytic model
+
+def head_classes(method, num_ids, batch, vocab, length):
+    """Classes C the head scores per step (for Partial FC the most it can sample)."""
+    if method.kind == "full":
+        return num_ids
+    if method.kind == "partial":
+        return max(int(method.rate * num_ids), min(batch, num_ids))
+    return length * vocab
+
+
+def head_flops(batch, dim, classes):
+    """Forward + backward FLOPs of a C-class head: logits, grad of the features, grad of the weight."""
+    return 3 * 2 * batch * dim * classes
+
+
+def state_bytes(method, num_ids, classes, dim, elem_size):
+    """Parameter, gradient and optimizer (SGD momentum) bytes the head keeps between steps."""
+    rows = num_ids if method.kind in ("full", "partial") else classes
+    size = rows * dim * elem_size
+    return {"param_bytes": size, "grad_bytes": size, "optimizer_bytes": size}
+
+
+def step_bytes_estimate(method, num_ids, classes, batch, dim, length, elem_size):
+    """Upper estimate of the memory a measured step holds at its peak, parameters included."""
+    features = 4 * batch * dim * elem_size  # x, its normalized copy and their gradients
+    if method.kind in ("full", "partial"):
+        weight = 2 * num_ids * dim * elem_size  # the weight and its dense gradient
+        rows = classes * dim * elem_size  # the normalized rows (Partial FC: also the gathered ones)
+        gathered = rows if method.kind == "partial" else 0
+        # The peak comes in the softmax's backward (three float32 (B, C) tensors and the cosines in
+        # the compute dtype, beside the normalized rows) or in normalize's backward (the rows, their
+        # gradient and temporaries).
+        peak = max(rows + batch * classes * (3 * 4 + elem_size), 5 * rows)
+        sampling = 4 * num_ids + 16 * classes if method.kind == "partial" else 0
+        return weight + gathered + peak + sampling + features
+    # Code heads: weight and gradient (with temporaries), per-position features, (B, L, V) logits.
+    per_position = 3 * batch * length * dim * elem_size
+    return 6 * classes * dim * elem_size + 8 * batch * classes * 4 + per_position + features
+
+
+# ----------------------------------------------------------------------------- the heads
+
+def margin_cross_entropy(x, rows, labels):
+    """CosFace cross-entropy of features x against weight rows, float32 logits as in insightface."""
+    logits = F.linear(F.normalize(x), F.normalize(rows)).float()
+    logits[torch.arange(len(labels), device=labels.device), labels] -= MARGIN
+    return F.cross_entropy(logits.mul_(SCALE), labels)
+
+
+def partial_fc_loss(x, weight, labels, rate):
+    """Partial FC (insightface partial_fc_v2.sample): every positive class of the batch, then random
+    negatives up to int(rate * N) classes; the loss runs over the gathered rows only."""
+    num_ids = weight.shape[0]
+    num_sample = int(rate * num_ids)
+    with torch.no_grad():
+        positive = torch.unique(labels, sorted=True)
+        if num_sample >= positive.numel():
+            priority = torch.rand(num_ids, device=weight.device)
+            priority[positive] = 2.0  # above every random draw: positives are always kept
+            index = torch.topk(priority, k=num_sample)[1].sort()[0]
+        else:
+            index = positive
+        local_labels = torch.searchsorted(index, labels)
+    return margin_cross_entropy(x, weight[index], local_labels)
+
+
+def make_head(method, num_ids, length, args, compiled_loss):
+    """(loss(), parameters) for one method at num_ids, on fresh random tensors."""
+    device, dtype = args.device, DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    x = torch.randn(args.batch, args.dim, device=device, dtype=dtype).requires_grad_()
+    if method.kind in ("full", "partial"):
+        weight = torch.empty(num_ids, args.dim, device=device, dtype=dtype).normal_(0, 0.01)
+        weight.requires_grad_()
+        labels = torch.randint(0, num_ids, (args.batch,), device=device)
+        if method.kind == "full":
+            return (lambda: margin_cross_entropy(x, weight, labels)), (x, weight)
+        return (lambda: partial_fc_loss(x, weight, labels, method.rate)), (x, weight)
+    weight = torch.empty(length, args.vocab, args.dim, device=device, dtype=dtype).normal_(0, 0.01)
+    weight.requires_grad_()
+    # Random codes stand in for the codebook lookup of each sample's identity (one gather).
+    codes = torch.randint(0, args.vocab, (args.batch, length), device=device)
+    code_loss = {"eager": reference.fused_code_ce, "compile": compiled_loss,
+                 "fused": functools.partial(gif_kernels.fused_code_ce, backend=method.backend)}
+    loss_fn = code_loss[method.kind]
+    return (lambda: loss_fn(x, weight, codes, scale=SCALE, m3=MARGIN)), (x, weight)
+
+
+def training_step(loss, params):
+    """Forward + backward; the gradients are dropped after so that every step starts alike."""
+    def step():
+        loss().backward()
+        for param in params:
+            param.grad = None
+    return step
+
+
+def methods_for(args):
+    """The methods --methods selects, each Partial FC rate and each fused backend of the device."""
+    kinds = set(args.methods)
+    methods = [Method(FULL_SOFTMAX, "full")] if "full" in kinds else []
+    if "partial" in kinds:
+        methods += [Method(f"partial fc {rate:.0%}", "partial", rate=rate) for rate in args.sample_rate]
+    if "eager" in kinds:
+        methods.append(Method("code head eager", "eager"))
+    if "compile" in kinds:
+        methods.append(Method("code head compile", "compile"))
+    if "fused" in kinds:
+        if args.device == "cuda":
+            backends = ["triton"] + (["cuda"] if gif_kernels.ops.has_cuda_kernels() else [])
+        else:
+            backends = ["cpu"]
+        methods += [Method(f"fused {backend}", "fused", backend=backend) for backend in backends]
+    return methods
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def free_bytes(device, budget_bytes):
+    """Memory a step may use now: free GPU memory, or on the CPU (Linux /proc) the available RAM
+    capped by what is left of the budget after this process's resident memory."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    with open("/proc/self/statm") as f:
+        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return max(0, min(available, budget_bytes - resident))
+
+
+def step_ms(step, device):
+    """Milliseconds of one step: CUDA events on a GPU, perf_counter on the CPU."""
+    if device != "cuda":
+        start = time.perf_counter()
+        step()
+        return (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def median_step_ms(step, device, repeats, max_seconds):
+    """(median ms, steps timed): up to `repeats` steps, fewer once max_seconds of them have run."""
+    times = []
+    while len(times) < repeats and sum(times) < max_seconds * 1e3:
+        times.append(step_ms(step, device))
+    return statistics.median(times), len(times)
+
+
+def cuda_peak_extra_bytes(step):
+    """Peak CUDA memory of one step beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def is_out_of_memory(error):
+    text = str(error).lower()
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text or "alloc" in text
+
+
+def measure(method, num_ids, length, args, compiled_loss):
+    """{time_ms, timed_steps, peak_extra_bytes} of one row; raises what the step raises."""
+    loss, params = make_head(method, num_ids, length, args, compiled_loss)
+    step = training_step(loss, params)
+    for _ in range(2 if args.device == "cuda" else 1):  # compiles, allocator and caches warm up
+        step()
+    peak = cuda_peak_extra_bytes(step) if args.device == "cuda" else None
+    time_ms, timed_steps = median_step_ms(step, args.device, args.repeats, args.max_seconds)
+    return {"time_ms": time_ms, "timed_steps": timed_steps, "peak_extra_bytes": peak}
+
+
+def release_memory(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_row(row, method, args, compiled_loss):
+    """Measures one row in place, or records why it was skipped."""
+    needed = row["step_bytes_estimate"]
+    free = free_bytes(args.device, args.max_memory_gb * 1e9)
+    if needed > free:
+        row["skipped"] = f"skipped: needs {format_si(needed, 'B')}, {format_si(free, 'B')} free"
+        return
+    try:
+        row.update(measure(method, row["ids"], row["length"], args, compiled_loss))
+    except Exception as error:  # noqa: BLE001 - a failed row is a result; the others still run
+        reason = "out of memory" if is_out_of_memory(error) else type(error).__name__
+        first_line = (str(error).splitlines() or [""])[0]
+        row["skipped"] = f"skipped: {reason}: {first_line[:200]}"
+    finally:
+        release_memory(args.device)
+
+
+def analytic_row(method, num_ids, args):
+    """A result row with the analytic figures filled in and the measured ones None."""
+    length = args.length or code_length(num_ids, args.vocab)
+    classes = head_classes(method, num_ids, args.batch, args.vocab, length)
+    elem_size = DTYPES[args.dtype].itemsize
+    state = state_bytes(method, num_ids, classes, args.dim, elem_size)
+    flops = head_flops(args.batch, args.dim, classes)
+    return {"method": method.name, "ids": num_ids,
+            "length": None if method.kind in ("full", "partial") else length,
+            "classes": classes, "head_flops": flops,
+            "flops_ratio_vs_full": head_flops(args.batch, args.dim, num_ids) / flops,
+            **state, "state_bytes": sum(state.values()),
+            "step_bytes_estimate": step_bytes_estimate(method, num_ids, classes, args.batch, args.dim,
+                                                       length, elem_size),
+            "time_ms": None, "timed_steps": None, "speedup_vs_full": None,
+            "peak_extra_bytes": None, "skipped": None}
+
+
+def add_speedups(results):
+    """Measured speedup of each row against full softmax at the same N, where both ran."""
+    full_ms = {row["ids"]: row["time_ms"] for row in results if row["method"] == FULL_SOFTMAX}
+    for row in results:
+        if full_ms.get(row["ids"]) is not None and row["time_ms"] is not None:
+            row["speedup_vs_full"] = full_ms[row["ids"]] / row["time_ms"]
+
+
+def run_benchmark(args):
+    """The report: {"device", "config", "notes", "results": [one row per (N, method)]}."""
+    methods = methods_for(args)
+    compiled_loss = torch.compile(reference.fused_code_ce, dynamic=False)  # compiles on first use
+    plan = [(method, num_ids) for num_ids in args.ids for method in methods]
+    results = [analytic_row(method, num_ids, args) for method, num_ids in plan]
+    progress = tqdm(list(zip(plan, results)), desc="measuring", unit="row", file=sys.stderr)
+    for (method, num_ids), row in progress:
+        progress.set_postfix_str(f"{method.name}, {format_count(num_ids)} ids")
+        run_row(row, method, args, compiled_loss)
+    add_speedups(results)
+    device = (torch.cuda.get_device_name() if args.device == "cuda"
+              else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads")
+    config = {key: value for key, value in vars(args).items() if key not in ("json", "csv", "plot")}
+    config.update(scale=SCALE, margin_m3=MARGIN, torch=torch.__version__,
+                  build_info=gif_kernels.build_info(),
+                  lengths={str(n): args.length or code_length(n, args.vocab) for n in args.ids})
+    return {"device": device, "config": config, "notes": NOTES, "results": results}
+
+
+# ----------------------------------------------------------------------------- output
+
+def format_count(value):
+    """10000000 -> '10M', 1500000 -> '1.5M', 512 -> '512'."""
+    for suffix, unit in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if value >= unit:
+            return f"{value / unit:.4g}{suffix}"
+    return str(value)
+
+
+def format_si(value, unit):
+    """Three significant digits with a decimal prefix: format_si(1.57e13, 'FLOP') -> '15.7 TFLOP'."""
+    if value is None:
+        return "-"
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def format_ms(value):
+    if value is None:
+        return "-"
+    return f"{value:,.0f} ms" if value >= 100 else f"{value:.3g} ms"
+
+
+def format_ratio(value):
+    if value is None:
+        return "-"
+    return f"{value:,.0f}x" if value >= 100 else f"{value:.3g}x"
+
+
+def format_table(results):
+    header = ("method", "ids", "L", "classes", "head FLOPs", "FLOPs vs full", "params+grad+optim",
+              "time", "speedup", "peak extra", "note")
+    lines = [header]
+    for row in results:
+        lines.append((row["method"], format_count(row["ids"]),
+                      "-" if row["length"] is None else str(row["length"]),
+                      format_count(row["classes"]), format_si(row["head_flops"], "FLOP"),
+                      format_ratio(row["flops_ratio_vs_full"]), format_si(row["state_bytes"], "B"),
+                      format_ms(row["time_ms"]),
+                      format_ratio(row["speedup_vs_full"]), format_si(row["peak_extra_bytes"], "B"),
+                      row["skipped"] or ""))
+    widths = [max(len(line[col]) for line in lines) for col in range(len(header))]
+    left_aligned = {0, len(header) - 1}
+    return "\n".join("  ".join(cell.ljust(width) if col in left_aligned else cell.rjust(width)
+                               for col, (cell, width) in enumerate(zip(line, widths))).rstrip()
+                     for line in lines)
+
+
+def write_csv(results, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        writer.writerows(results)
+
+
+def write_plot(report, path):
+    """Log-log panels against identities, one line per method: analytic FLOPs and state bytes,
+    measured step time and peak extra memory."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    panels = (("head_flops", "head FLOPs per step (analytic)"),
+              ("state_bytes", "params + grads + SGD momentum, bytes (analytic)"),
+              ("time_ms", "step time, ms (measured)"),
+              ("peak_extra_bytes", "peak extra memory, bytes (measured)"))
+    results = report["results"]
+    methods = list(dict.fromkeys(row["method"] for row in results))
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    # Markers and dashes tell apart the methods whose lines coincide (the same analytic figures).
+    styles = {method: dict(marker="osv^D<>P*X"[i % 10], linestyle=("-", "--", ":", "-.")[i % 4])
+              for i, method in enumerate(methods)}
+    for axis, (key, title) in zip(axes.flat, panels):
+        for method in methods:
+            points = [(row["ids"], row[key]) for row in results
+                      if row["method"] == method and row[key] is not None]
+            if points:
+                axis.plot(*zip(*points), label=method, **styles[method])
+        if axis.lines:
+            axis.set_xscale("log")
+            axis.set_yscale("log")
+        else:
+            axis.text(0.5, 0.5, "not measured here", ha="center", va="center", transform=axis.transAxes)
+        axis.set_title(title)
+        axis.set_xlabel("identities")
+        axis.grid(True, which="both", alpha=0.3)
+    axes.flat[0].legend(fontsize="small")
+    config = report["config"]
+    figure.suptitle(f"head step (forward + backward), batch {config['batch']}, dim {config['dim']}, "
+                    f"vocab {config['vocab']}, {config['dtype']}, {report['device']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    report = run_benchmark(args)
+    config = report["config"]
+    print(f"head step (forward + backward) on {report['device']}: batch {config['batch']}, "
+          f"dim {config['dim']}, vocab {config['vocab']}, {config['dtype']}, scale {SCALE:g}, "
+          f"CosFace m3 {MARGIN:g}; FLOPs and params+grad+optim are analytic, time and peak extra "
+          f"measured")
+    print(format_table(report["results"]))
+    if args.device == "cpu":
+        print("peak extra: measured on CUDA only (PyTorch keeps no allocator statistics for CPU tensors)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.csv:
+        write_csv(report["results"], args.csv)
+    if args.plot:
+        write_plot(report, args.plot)
+
+
+if __name__ == "__main__":
+    main()
