@@ -506,8 +506,9 @@ def write_plot(report, path):
     results = report["results"]
     methods = list(dict.fromkeys(row["method"] for row in results))
     figure, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    # Markers and dashes tell apart the methods whose lines coincide (the same analytic figures).
-    styles = {method: dict(marker="osv^D<>P*X"[i % 10], linestyle=("-", "--", ":", "-.")[i % 4])
+    # One color per method in every panel; markers and dashes tell apart lines that coincide.
+    styles = {method: dict(color=f"C{i % 10}", marker="osv^D<>P*X"[i % 10],
+                           linestyle=("-", "--", ":", "-.")[i % 4])
               for i, method in enumerate(methods)}
     for axis, (key, title) in zip(axes.flat, panels):
         for method in methods:
