@@ -38,10 +38,10 @@ ids=1M,10M
 if [ $quick -eq 1 ]; then
   tests+=(-k "not (test_shape_grid and triton)")
   sanitizers=(memcheck)
-  kernel_shapes=(--shapes 512x6x16x512)
+  kernel_shapes=(--shapes 512x6x16x512 4096x2x4096x512)
   ids=10M
 fi
-python -c "import xdist" 2>/dev/null && tests+=(-n 8)
+python -c "import xdist" 2>/dev/null && tests+=(-n 12)
 
 # Time limits per step keep a stuck step from taking the whole call.
 step build timeout 240 python -m pip install --no-build-isolation --no-deps -v -e .
