@@ -15,6 +15,11 @@ const std::string kCodeCeBackwardArgs =
     "(Tensor grad_loss, Tensor x, Tensor weight, Tensor codes, Tensor? position_weight, "
     "Tensor lse, float scale, float m2, float m3, bool normalize, int ignore_index) "
     "-> (Tensor, Tensor)";
+// code_beam_search: best topk codes of each query by beam search over the trie of valid codes
+// (DESIGN.md) -> (ids (Q, topk) int64, total (Q, topk) float32, exact (Q,) bool).
+const std::string kCodeBeamSearchArgs =
+    "(Tensor scores, Tensor child_offsets, Tensor child_tokens, Tensor leaf_ids, int beam, int topk) "
+    "-> (Tensor, Tensor, Tensor)";
 
 }  // namespace
 
@@ -29,5 +34,9 @@ TORCH_LIBRARY(gif, m) {
   for (const std::string family : {"code_ce", "triton_code_ce"}) {
     m.def((family + "_forward" + kCodeCeForwardArgs).c_str());
     m.def((family + "_backward" + kCodeCeBackwardArgs).c_str());
+  }
+  // One beam search per kernel family; only the C++ family (CPU key) has kernels so far.
+  for (const std::string family : {"code_beam_search"}) {
+    m.def((family + kCodeBeamSearchArgs).c_str());
   }
 }

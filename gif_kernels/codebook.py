@@ -48,6 +48,20 @@ class CodeTrie:
         return CodeTrie(self.child_offsets.to(device), self.child_tokens.to(device),
                         self.level_starts.to(device), self.leaf_ids.to(device), self.vocab)
 
+    def codes(self) -> torch.Tensor:
+        """The code of each identity (N, L) int64, row i for identity i: each leaf's tokens, read by
+        walking up to the root."""
+        degrees = self.child_offsets[1:] - self.child_offsets[:-1]
+        parent = torch.repeat_interleave(torch.arange(self.num_nodes, device=self.device), degrees)
+        node = torch.arange(int(self.level_starts[self.length]), self.num_nodes, device=self.device)
+        leaf_codes = torch.empty(node.numel(), self.length, dtype=torch.int64, device=self.device)
+        for level in reversed(range(self.length)):
+            leaf_codes[:, level] = self.child_tokens[node - 1]  # node u is reached by edge u - 1
+            node = parent[node - 1]
+        codes = torch.empty_like(leaf_codes)
+        codes[self.leaf_ids] = leaf_codes
+        return codes
+
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Identity of each code row (B, L) -> (B,) int64, -1 where the code is not in the trie.
 

@@ -1,0 +1,78 @@
+// Input checks of code_beam_search shared by the C++ kernels of every device.
+#include "beam_search.h"
+
+#include <algorithm>
+
+namespace gif {
+
+void check_beam_search_args(const at::Tensor& scores, const at::Tensor& child_offsets,
+                            const at::Tensor& child_tokens, const at::Tensor& leaf_ids, int64_t beam,
+                            int64_t topk) {
+  TORCH_CHECK_VALUE(scores.dim() == 3 && scores.size(1) >= 1 && scores.size(2) >= 1,
+                    "scores: expected shape (Q, L, V) with L, V >= 1, got ", scores.sizes());
+  const auto dtype = scores.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
+                       dtype == at::kDouble,
+                   "scores: expected float32, bfloat16, float16 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(child_offsets.dim() == 1 && child_offsets.size(0) >= 2,
+                    "child_offsets: expected shape (M + 1,) with M >= 1 nodes, got ", child_offsets.sizes());
+  TORCH_CHECK_TYPE(child_offsets.scalar_type() == at::kLong, "child_offsets: expected int64, got ",
+                   child_offsets.scalar_type());
+  const int64_t num_nodes = child_offsets.size(0) - 1;
+  TORCH_CHECK_VALUE(child_tokens.dim() == 1 && child_tokens.size(0) == num_nodes - 1,
+                    "child_tokens: expected shape (M - 1,) = (", num_nodes - 1, ",) for M = ", num_nodes,
+                    " nodes, got ", child_tokens.sizes());
+  TORCH_CHECK_TYPE(child_tokens.scalar_type() == at::kInt, "child_tokens: expected int32, got ",
+                   child_tokens.scalar_type());
+  TORCH_CHECK_VALUE(leaf_ids.dim() == 1 && leaf_ids.size(0) >= 1 && leaf_ids.size(0) <= num_nodes,
+                    "leaf_ids: expected shape (N,) with 1 <= N <= M = ", num_nodes, ", got ", leaf_ids.sizes());
+  TORCH_CHECK_TYPE(leaf_ids.scalar_type() == at::kLong, "leaf_ids: expected int64, got ",
+                   leaf_ids.scalar_type());
+  TORCH_CHECK_VALUE(child_offsets.device() == scores.device() && child_tokens.device() == scores.device() &&
+                        leaf_ids.device() == scores.device(),
+                    "scores, child_offsets, child_tokens and leaf_ids must be on one device, got ",
+                    scores.device(), ", ", child_offsets.device(), ", ", child_tokens.device(), ", ",
+                    leaf_ids.device());
+  TORCH_CHECK_VALUE(topk >= 1, "topk: expected >= 1, got ", topk);
+  TORCH_CHECK_VALUE(beam >= topk, "beam: expected >= topk = ", topk, ", got ", beam);
+}
+
+TrieShape check_trie_contents(const at::Tensor& child_offsets, const at::Tensor& child_tokens,
+                              const at::Tensor& leaf_ids, int64_t num_tokens) {
+  const at::Tensor offsets_c = child_offsets.contiguous(), tokens_c = child_tokens.contiguous();
+  const int64_t* offsets = offsets_c.data_ptr<int64_t>();
+  const int32_t* tokens = tokens_c.data_ptr<int32_t>();
+  const int64_t num_nodes = child_offsets.size(0) - 1, num_edges = child_tokens.size(0);
+  TORCH_CHECK_VALUE(offsets[0] == 0, "child_offsets: expected child_offsets[0] = 0, got ", offsets[0]);
+  TORCH_CHECK_VALUE(offsets[num_nodes] == num_edges, "child_offsets: last offset ", offsets[num_nodes],
+                    " != len(child_tokens) = ", num_edges);
+  int64_t max_degree = 0;
+  for (int64_t u = 0; u < num_nodes; ++u) {
+    const int64_t degree = offsets[u + 1] - offsets[u];
+    TORCH_CHECK_VALUE(degree >= 0, "child_offsets: expected non-decreasing offsets, got ", offsets[u],
+                      " then ", offsets[u + 1], " at node ", u);
+    max_degree = std::max(max_degree, degree);
+  }
+  const auto [lowest, highest] = std::minmax_element(tokens, tokens + num_edges);
+  TORCH_CHECK_VALUE(num_edges == 0 || (*lowest >= 0 && *highest < num_tokens),
+                    "child_tokens: expected tokens in [0, V) = [0, ", num_tokens, ") of scores, found ",
+                    *lowest < 0 ? *lowest : *highest);
+  // Edge e leads to node e + 1, so level d + 1 is the children range of level d.
+  int64_t begin = 0, end = 1, depth = 0, widest_level = 1;
+  while (offsets[begin] < offsets[end]) {
+    TORCH_CHECK_VALUE(offsets[begin] + 1 == end, "child_offsets: the children of level ", depth,
+                      " start at node ", offsets[begin] + 1, ", expected the next node ", end,
+                      " (nodes are numbered level by level)");
+    begin = offsets[begin] + 1;
+    end = offsets[end] + 1;
+    widest_level = std::max(widest_level, end - begin);
+    ++depth;
+  }
+  TORCH_CHECK_VALUE(end == num_nodes, "child_offsets: the level of leaves ends at node ", end,
+                    ", not at the node count M = ", num_nodes, " (leaves must all have depth L)");
+  TORCH_CHECK_VALUE(end - begin == leaf_ids.size(0), "leaf_ids: expected one id per leaf (", end - begin,
+                    "), got ", leaf_ids.size(0));
+  return {depth, begin, max_degree, widest_level};
+}
+
+}  // namespace gif
