@@ -15,7 +15,7 @@ from .codebook import CodeTrie
 EXHAUSTIVE_CHUNK_ELEMENTS = 1 << 24
 
 
-def _check_scores(scores, length, vocab):
+def _check_scores(scores, length, min_vocab):
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3:
         raise ValueError(f"scores: expected a tensor of shape (Q, L, V), got "
                          f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)}")
@@ -24,8 +24,8 @@ def _check_scores(scores, length, vocab):
     if scores.shape[1] != length:
         raise ValueError(f"scores: expected L = {length} positions (the codes' length), got shape "
                          f"{tuple(scores.shape)}")
-    if scores.shape[2] < vocab:
-        raise ValueError(f"scores: expected V >= {vocab} (the codes' vocabulary), got shape "
+    if scores.shape[2] < min_vocab:
+        raise ValueError(f"scores: expected V >= {min_vocab} (the codes' vocabulary), got shape "
                          f"{tuple(scores.shape)}")
 
 
@@ -57,7 +57,7 @@ def exhaustive_code_topk(scores, codes, topk=5):
                          f"{tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes)}")
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise TypeError(f"codes: expected an integer dtype, got {codes.dtype}")
-    _check_scores(scores, codes.shape[1], 0)
+    _check_scores(scores, codes.shape[1], 1)  # tokens are range-checked below
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk: expected an integer >= 1, got {topk!r}")
     num_queries, length, num_tokens = scores.shape
