@@ -35,8 +35,8 @@ TORCH_LIBRARY(gif, m) {
     m.def((family + "_forward" + kCodeCeForwardArgs).c_str());
     m.def((family + "_backward" + kCodeCeBackwardArgs).c_str());
   }
-  // One beam search per kernel family; only the C++ family (CPU key) has kernels so far.
-  for (const std::string family : {"code_beam_search"}) {
+  // One beam search per kernel family: C++ (CPU key so far) and Triton.
+  for (const std::string family : {"code_beam_search", "triton_code_beam_search"}) {
     m.def((family + kCodeBeamSearchArgs).c_str());
   }
 }

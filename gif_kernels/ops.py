@@ -191,8 +191,8 @@ for _family in ("code_ce", "triton_code_ce"):
                                     setup_context=_setup_context)
 
 
-# code_beam_search: backend choice and fake kernels. The C++ family (csrc/cpu/beam_search.cpp) has a
-# CPU kernel; CUDA C++ and Triton kernels register later under the names below.
+# code_beam_search: backend choice, the Triton kernel's registration and fake kernels. The C++ family
+# (csrc/cpu/beam_search.cpp) has a CPU kernel (a CUDA C++ one registers later under its name).
 BEAM_SEARCH_OPS = {"cpu": "code_beam_search", "cuda": "code_beam_search",
                    "triton": "triton_code_beam_search"}
 
@@ -245,6 +245,22 @@ def _check_beam_search_args(scores, child_offsets, child_tokens, leaf_ids, beam,
         raise ValueError(f"topk: expected >= 1, got {topk}")
     if beam < topk:
         raise ValueError(f"beam: expected >= topk = {topk}, got {beam}")
+
+
+# The Triton kernel holds beam + 1 candidates per program in registers.
+TRITON_MAX_BEAM = 1024
+
+
+def _triton_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam, topk):
+    _require_triton(scores.device)
+    _check_beam_search_args(scores, child_offsets, child_tokens, leaf_ids, beam, topk)
+    if beam > TRITON_MAX_BEAM:
+        raise ValueError(f"beam: the Triton kernel takes beam <= {TRITON_MAX_BEAM}, got {beam}")
+    from .triton.beam_search import code_beam_search  # imported on first use: triton is slow to import
+    return code_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam, topk)
+
+
+torch.library.impl("gif::triton_code_beam_search", ("CPU", "CUDA"), _triton_beam_search)
 
 
 def _beam_search_fake(scores, child_offsets, child_tokens, leaf_ids, beam, topk):
