@@ -7,8 +7,8 @@
 #
 #   bash bench/device_check.sh [--quick] [OUT_DIR]
 #
-# --quick (about 3 minutes) leaves out the Triton shape grid, racecheck and the large benchmark
-# shapes. Optional peers are benchmarked when installed (pip install cut-cross-entropy). Every step
+# --quick (about 3 minutes) leaves out the Triton shape grid, racecheck, the large benchmark shapes
+# and the decoding benchmark. Optional peers are benchmarked when installed (pip install cut-cross-entropy). Every step
 # runs even if an earlier one failed; the exit status is that of the first failed step.
 set -uo pipefail
 quick=0
@@ -52,6 +52,7 @@ for tool in "${sanitizers[@]}"; do
 done
 step kernels timeout 240 python bench/kernels.py "${kernel_shapes[@]}" --profile --json "$work/kernels.json"
 step scale_ids timeout 240 python bench/scale_ids.py --ids "$ids" --json "$work/scale_ids.json"
+[ $quick -eq 0 ] && step decode timeout 240 python bench/decode.py --device cuda --tries 1Mx16x5 10Mx16x6
 
 python - "$work" "$out" <<'PY'
 import json, re, sys

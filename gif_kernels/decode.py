@@ -91,8 +91,8 @@ def code_beam_search(scores, trie, beam=32, topk=5, backend="auto", exact=False)
     trie: the CodeTrie of valid codes (CodeBook.trie(device)) on the scores' device.
     backend: "auto", "cpu", "cuda", "triton" or "reference" (exhaustive scoring).
     exact: re-search the queries whose answer is not certified exact with a doubled beam until it
-    is (a beam of N codes is exhaustive; past the Triton kernel's widest beam, the rest is scored
-    exhaustively); this syncs with the host once per doubling.
+    is (a beam of N codes is exhaustive; past a GPU kernel's widest beam, ops.MAX_BEAM, the rest is
+    scored exhaustively); this syncs with the host once per doubling.
     Returns (ids (Q, topk) int64, total (Q, topk) float32, exact (Q,) bool): best first, ties by
     lower id; id -1 and total -inf past the last code; exact[q] is True only when the answer is
     provably the exhaustive top-k (see torch.ops.gif.code_beam_search)."""
@@ -114,7 +114,7 @@ def code_beam_search(scores, trie, beam=32, topk=5, backend="auto", exact=False)
     arrays = (trie.child_offsets, trie.child_tokens, trie.leaf_ids)
     ids, total, certified = search(scores, *arrays, beam, topk)
     num_ids = trie.leaf_ids.numel()
-    max_beam = ops.TRITON_MAX_BEAM if backend == "triton" else num_ids
+    max_beam = ops.MAX_BEAM.get(backend, num_ids)
     while exact and beam < num_ids:
         pending = (~certified).nonzero().squeeze(1)
         if pending.numel() == 0:

@@ -192,7 +192,7 @@ for _family in ("code_ce", "triton_code_ce"):
 
 
 # code_beam_search: backend choice, the Triton kernel's registration and fake kernels. The C++ family
-# (csrc/cpu/beam_search.cpp) has a CPU kernel (a CUDA C++ one registers later under its name).
+# has a CPU kernel (csrc/cpu/beam_search.cpp) and a CUDA one (csrc/cuda/beam_search.cu).
 BEAM_SEARCH_OPS = {"cpu": "code_beam_search", "cuda": "code_beam_search",
                    "triton": "triton_code_beam_search"}
 
@@ -247,15 +247,16 @@ def _check_beam_search_args(scores, child_offsets, child_tokens, leaf_ids, beam,
         raise ValueError(f"beam: expected >= topk = {topk}, got {beam}")
 
 
-# The Triton kernel holds beam + 1 candidates per program in registers.
-TRITON_MAX_BEAM = 1024
+# The widest beam of each GPU kernel: Triton holds beam + 1 candidates per program in registers; the
+# CUDA kernel gives each beam slot one thread (kMaxBeam in csrc/cuda/beam_search.cu).
+MAX_BEAM = {"triton": 1024, "cuda": 256}
 
 
 def _triton_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam, topk):
     _require_triton(scores.device)
     _check_beam_search_args(scores, child_offsets, child_tokens, leaf_ids, beam, topk)
-    if beam > TRITON_MAX_BEAM:
-        raise ValueError(f"beam: the Triton kernel takes beam <= {TRITON_MAX_BEAM}, got {beam}")
+    if beam > MAX_BEAM["triton"]:
+        raise ValueError(f"beam: the Triton kernel takes beam <= {MAX_BEAM['triton']}, got {beam}")
     from .triton.beam_search import code_beam_search  # imported on first use: triton is slow to import
     return code_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam, topk)
 

@@ -45,4 +45,4 @@ def test_beam_limit_is_named():
     scores = torch.randn(1, 2, 4, generator=gen).to(DEVICE)
     arrays = (trie.child_offsets, trie.child_tokens, trie.leaf_ids)
     with pytest.raises(ValueError, match="beam: the Triton kernel"):
-        torch.ops.gif.triton_code_beam_search(scores, *arrays, gif_kernels.ops.TRITON_MAX_BEAM + 1, 1)
+        torch.ops.gif.triton_code_beam_search(scores, *arrays, gif_kernels.ops.MAX_BEAM['triton'] + 1, 1)
