@@ -3,13 +3,14 @@
 # for sm_90, runs the GPU tests (marked cuda, plus the Triton tests on the GPU), compute-sanitizer
 # (memcheck, racecheck) over a small case of every GPU kernel, and the benchmarks. Writes one log per
 # step and summary.json (build_info, test counts, sanitizer errors, benchmark results) to the output
-# folder: the argument, else $OUT, else ./device_check. About 6 minutes on an H100.
+# folder: the argument, else $OUT, else ./device_check. About 7 minutes on an H100.
 #
 #   bash bench/device_check.sh [--quick] [OUT_DIR]
 #
 # --quick (about 3 minutes) leaves out the Triton shape grid, racecheck, the large benchmark shapes
-# and the decoding benchmark. Optional peers are benchmarked when installed (pip install cut-cross-entropy). Every step
-# runs even if an earlier one failed; the exit status is that of the first failed step.
+# and the decoding benchmark. Optional peers are benchmarked when installed (pip install
+# cut-cross-entropy). Every step runs even if an earlier one failed; the exit status is that of the
+# first failed step.
 set -uo pipefail
 quick=0
 if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
@@ -34,12 +35,10 @@ step() {  # step NAME COMMAND...: runs it with its output in OUT/NAME.log, recor
 tests=(-m "cuda or triton" tests/)
 sanitizers=(memcheck racecheck)
 kernel_shapes=()
-ids=1M,10M
 if [ $quick -eq 1 ]; then
   tests+=(-k "not (test_shape_grid and triton)")
   sanitizers=(memcheck)
   kernel_shapes=(--shapes 512x6x16x512 4096x2x4096x512)
-  ids=10M
 fi
 python -c "import xdist" 2>/dev/null && tests+=(-n 12)
 
@@ -48,11 +47,11 @@ step build timeout 240 python -m pip install --no-build-isolation --no-deps -v -
 step tests timeout 300 python -m pytest -q -rfE "${tests[@]}"
 for tool in "${sanitizers[@]}"; do
   step "$tool" timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 \
-    python -m pytest -q -x -m cuda tests/test_cuda_code_ce.py -k sanitizer_cases
+    python -m pytest -q -x -m cuda tests/test_cuda_code_ce.py tests/test_cuda_beam_search.py -k sanitizer_cases
 done
 step kernels timeout 240 python bench/kernels.py "${kernel_shapes[@]}" --profile --json "$work/kernels.json"
-step scale_ids timeout 240 python bench/scale_ids.py --ids "$ids" --json "$work/scale_ids.json"
-[ $quick -eq 0 ] && step decode timeout 240 python bench/decode.py --device cuda --tries 1Mx16x5 10Mx16x6
+step scale_ids timeout 240 python bench/scale_ids.py --ids 10M --json "$work/scale_ids.json"
+[ $quick -eq 0 ] && step decode timeout 240 python bench/decode.py --device cuda --tries 1Mx16x5 10Mx16x6 --repeats 2
 
 python - "$work" "$out" <<'PY'
 import json, re, sys

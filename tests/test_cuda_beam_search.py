@@ -53,3 +53,12 @@ def test_exact_research_and_beam_limits():
         with pytest.raises(ValueError, match="beam: the"):
             op(scores, *arrays, gif_kernels.ops.MAX_BEAM[backend] + 1, 3)
     torch.cuda.synchronize()
+
+
+def test_sanitizer_cases():
+    """A small case through every beam search kernel; bench/device_check.sh runs it under compute-sanitizer."""
+    book, gen = random_trie(300, 16, 3, seed=8)
+    scores = torch.randn(5, 3, 16, generator=gen).log_softmax(-1).cuda()
+    for backend in gpu_backends():
+        gif_kernels.code_beam_search(scores, book.trie("cuda"), beam=8, topk=3, backend=backend)
+    torch.cuda.synchronize()
