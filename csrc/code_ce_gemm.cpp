@@ -36,9 +36,7 @@ Operands operands(const at::Tensor& x, const at::Tensor& weight,
     o.feat_norm = clamped_norm(o.feats, o.acc);
     o.row_norm = clamped_norm(o.rows, o.acc);
   }
-  o.position_weight = position_weight.has_value()
-                          ? position_weight->to(o.acc).contiguous()
-                          : at::ones({weight.size(0)}, weight.options().dtype(o.acc));
+  o.position_weight = position_weight_or_ones(position_weight, weight, o.acc);
   return o;
 }
 
@@ -96,6 +94,12 @@ at::Tensor slice_or_undefined(const at::Tensor& t, int64_t b0, int64_t b1) {
 }
 
 }  // namespace
+
+at::Tensor position_weight_or_ones(const c10::optional<at::Tensor>& position_weight,
+                                   const at::Tensor& weight, at::ScalarType acc) {
+  return position_weight.has_value() ? position_weight->to(acc).contiguous()
+                                     : at::ones({weight.size(0)}, weight.options().dtype(acc));
+}
 
 void check_backward_rows(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& codes) {
   TORCH_CHECK_VALUE(grad_loss.sizes() == codes.sizes(), "grad_loss: expected shape ", codes.sizes(),

@@ -74,6 +74,10 @@ inline at::ScalarType accumulation_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// position_weight as a contiguous (L,) tensor in the accumulation dtype acc; all ones when absent.
+at::Tensor position_weight_or_ones(const c10::optional<at::Tensor>& position_weight,
+                                   const at::Tensor& weight, at::ScalarType acc);
+
 // grad_loss and lse of the backward must have codes' shape (B, L).
 void check_backward_rows(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& codes);
 

@@ -605,12 +605,6 @@ void allow_dynamic_smem(Kernel kernel, int64_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
-at::Tensor position_weight_or_ones(const c10::optional<at::Tensor>& position_weight,
-                                   const at::Tensor& weight, at::ScalarType acc) {
-  return position_weight.has_value() ? position_weight->to(acc).contiguous()
-                                     : at::ones({weight.size(0)}, weight.options().dtype(acc));
-}
-
 std::tuple<at::Tensor, at::Tensor> small_v_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                    const at::Tensor& codes, const at::Tensor& lambda,
                                                    double scale, double m2, double m3, bool normalize,
