@@ -1,0 +1,180 @@
+"""CodeHead: the code head as an nn.Module, a drop-in replacement for a face-recognition softmax head.
+
+Labels are identity ids; the CodeBook maps them to codes on the labels' device, L small margin
+classifiers score them through fused_code_ce, and identify() finds the best valid codes by beam
+search over the CodeBook's trie.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codebook import CodeBook
+from .constants import NORM_EPS
+from .decode import code_beam_search
+from .ops import BACKENDS, fused_code_ce
+
+# The margin of each kind when m is not given (insightface's ArcFace and CosFace defaults).
+DEFAULT_MARGINS = {"arcface": 0.5, "cosface": 0.4, "none": 0.0}
+
+
+def margin_args(margin: str, m: float | None) -> tuple[float, float]:
+    """(m2, m3) of fused_code_ce for a margin kind: ArcFace's angular m2 or CosFace's additive m3."""
+    if margin not in DEFAULT_MARGINS:
+        raise ValueError(f"margin: expected one of {tuple(DEFAULT_MARGINS)}, got {margin!r}")
+    m = DEFAULT_MARGINS[margin] if m is None else float(m)
+    if margin == "none" and m != 0.0:
+        raise ValueError(f"m: margin 'none' takes no m, got {m}")
+    return (m, 0.0) if margin == "arcface" else (0.0, m)
+
+
+def anchor_loss(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """L_AR = 1/2 (z . h_y - 1)^2 averaged over the batch: z the normalized feature, h_y its
+    identity's normalized anchor vector."""
+    z = F.normalize(features.float(), dim=-1, eps=NORM_EPS)
+    h = F.normalize(anchors.float(), dim=-1, eps=NORM_EPS)
+    return 0.5 * ((z * h).sum(-1) - 1.0).square().mean()
+
+
+class CodeHead(nn.Module):
+    """L margin classifiers over V tokens, trained on the codes of a CodeBook.
+
+    feature_dim: D of the backbone's features. scale, margin ("arcface", "cosface", "none") and m
+    (default DEFAULT_MARGINS[margin]) shape the logits as in fused_code_ce. position_weight: (L,)
+    lambda_j, default all 1. proj_dim: adds one linear projection per position, (B, D) ->
+    (B, L, proj_dim), before the classifiers. anchor_vectors: (N, D) one vector per identity; adds
+    gamma * L_AR (see anchor_loss). The table stays where it is given (pinned when on the CPU) and
+    only the batch's rows are gathered and moved. backend: fused_code_ce's and code_beam_search's.
+    """
+
+    def __init__(self, feature_dim: int, codebook: CodeBook, scale: float = 64.0, margin: str = "arcface",
+                 m: float | None = None, position_weight=None, proj_dim: int | None = None,
+                 anchor_vectors: torch.Tensor | None = None, gamma: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(codebook, CodeBook):
+            raise TypeError(f"codebook: expected a CodeBook, got {type(codebook)}")
+        for name, value in (("feature_dim", feature_dim), ("proj_dim", proj_dim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale: expected a finite number > 0, got {scale}")
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"gamma: expected a finite number >= 0, got {gamma}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.m2, self.m3 = margin_args(margin, m)
+        self.codebook = codebook
+        self.feature_dim, self.proj_dim = feature_dim, proj_dim
+        self.scale, self.margin, self.gamma, self.backend = float(scale), margin, float(gamma), backend
+        length, vocab = codebook.length, codebook.vocab
+        if position_weight is None:
+            self.position_weight = None
+        else:
+            position_weight = torch.as_tensor(position_weight, dtype=torch.float32)
+            if tuple(position_weight.shape) != (length,):
+                raise ValueError(f"position_weight: expected shape (L,) = ({length},), got "
+                                 f"{tuple(position_weight.shape)}")
+            self.register_buffer("position_weight", position_weight)
+        if proj_dim is None:
+            self.proj_weight = self.proj_bias = None
+        else:
+            bound = 1.0 / math.sqrt(feature_dim)  # nn.Linear's initialization, per position
+            self.proj_weight = nn.Parameter(torch.empty(length, feature_dim, proj_dim).uniform_(-bound, bound))
+            self.proj_bias = nn.Parameter(torch.empty(length, proj_dim).uniform_(-bound, bound))
+        # insightface's classifier initialization: N(0, 0.01); only the direction of a row matters.
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (length, vocab, proj_dim or feature_dim)))
+        self.anchor_vectors = None
+        if anchor_vectors is not None:
+            if tuple(anchor_vectors.shape) != (codebook.num_ids, feature_dim):
+                raise ValueError(f"anchor_vectors: expected shape (N, D) = ({codebook.num_ids}, "
+                                 f"{feature_dim}), got {tuple(anchor_vectors.shape)}")
+            if not anchor_vectors.dtype.is_floating_point:
+                raise TypeError(f"anchor_vectors: expected a float dtype, got {anchor_vectors.dtype}")
+            if anchor_vectors.device.type == "cpu" and torch.cuda.is_available():
+                anchor_vectors = anchor_vectors.pin_memory()  # rows gathered per step copy without a stall
+            self.anchor_vectors = anchor_vectors  # data, not a parameter: kept out of state_dict
+
+    def extra_repr(self):
+        return (f"feature_dim={self.feature_dim}, codebook={self.codebook}, scale={self.scale}, "
+                f"margin={self.margin!r}, m2={self.m2}, m3={self.m3}, proj_dim={self.proj_dim}, "
+                f"anchors={self.anchor_vectors is not None}, gamma={self.gamma}, backend={self.backend!r}")
+
+    def position_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifiers' input: features (B, D), or their L projections (B, L, proj_dim)."""
+        if features.dim() != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f"features: expected shape (B, {self.feature_dim}), got {tuple(features.shape)}")
+        if self.proj_weight is None:
+            return features
+        return torch.einsum("bd,ldp->blp", features, self.proj_weight.to(features.dtype)) + \
+            self.proj_bias.to(features.dtype)
+
+    def _batch_anchors(self, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        table = self.anchor_vectors
+        if table.device.type == "cpu":
+            rows = table.index_select(0, labels.cpu())  # a host sync when labels live on a GPU
+            return rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows
+        return table.index_select(0, labels.to(table.device)).to(device)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor):
+        """Loss of a batch: features (B, D), labels (B,) identity ids in [0, N).
+
+        Returns (loss, parts): loss = code_ce + gamma * anchor; parts holds each term, detached."""
+        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(f"labels: expected shape (B,) = ({features.shape[0]},), got {tuple(labels.shape)}")
+        labels = labels.to(features.device)
+        codes = self.codebook.codes_for(labels)
+        x = self.position_features(features)
+        code_ce = fused_code_ce(x, self.weight.to(x.dtype), codes, self.position_weight, self.scale,
+                                self.m2, self.m3, backend=self.backend)
+        parts = {"code_ce": code_ce.detach()}
+        loss = code_ce
+        if self.anchor_vectors is not None and self.gamma > 0:
+            anchor = anchor_loss(features, self._batch_anchors(labels, features.device))
+            parts["anchor"] = anchor.detach()
+            loss = loss + self.gamma * anchor
+        return loss, parts
+
+    @torch.no_grad()
+    def position_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-position log-probabilities (B, L, V) float32: log-softmax of scale * cosine, no margin."""
+        x = F.normalize(self.position_features(features).float(), dim=-1, eps=NORM_EPS)
+        weight = F.normalize(self.weight.float(), dim=-1, eps=NORM_EPS)
+        cos = torch.einsum("bd,lvd->blv" if x.dim() == 2 else "bld,lvd->blv", x, weight)
+        return torch.log_softmax(self.scale * cos, dim=-1)
+
+    @torch.no_grad()
+    def identify(self, features: torch.Tensor, beam: int = 32, topk: int = 5, exact: bool = False):
+        """The `topk` most likely identities of each face: (ids (B, topk) int64, scores (B, topk)
+        float32 summed log-probabilities, exact (B,) bool) by code_beam_search over the trie."""
+        scores = self.position_scores(features)
+        return code_beam_search(scores, self.codebook.trie(scores.device), beam, topk,
+                                backend=self.backend, exact=exact)
+
+    def config(self) -> dict:
+        """The constructor's arguments (JSON-able) beside the CodeBook and anchor table, which are
+        data kept in their own files."""
+        return {"feature_dim": self.feature_dim, "scale": self.scale, "margin": self.margin,
+                "m": self.m2 if self.margin == "arcface" else self.m3, "proj_dim": self.proj_dim,
+                "gamma": self.gamma, "backend": self.backend,
+                "position_weight": None if self.position_weight is None else self.position_weight.tolist(),
+                "codebook_shape": [self.codebook.num_ids, self.codebook.length, self.codebook.vocab]}
+
+    def get_extra_state(self):
+        return self.config()
+
+    def set_extra_state(self, state):
+        expected = [self.codebook.num_ids, self.codebook.length, self.codebook.vocab]
+        if list(state["codebook_shape"]) != expected:
+            raise ValueError(f"state_dict: saved for a CodeBook of (N, L, V) = {tuple(state['codebook_shape'])}, "
+                             f"this head has {tuple(expected)}")
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, codebook: CodeBook, anchor_vectors=None, prefix: str = ""):
+        """Rebuild a head saved with state_dict() and load its weights."""
+        config = dict(state_dict[prefix + "_extra_state"])
+        config.pop("codebook_shape")
+        gamma = config.pop("gamma")
+        head = cls(codebook=codebook, anchor_vectors=anchor_vectors, gamma=gamma, **config)
+        head.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        return head

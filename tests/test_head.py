@@ -1,0 +1,160 @@
+"""CodeHead and the softmax heads the trainer compares it with, against the reference math in float64."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gif_kernels import CodeBook, exhaustive_code_topk, reference
+from gif_kernels.head import CodeHead, anchor_loss
+from gif_kernels.train.heads import FullSoftmaxHead, PartialFCHead, build_head
+
+
+def codebook(num_ids=37, vocab=5, seed=0):
+    from gif_kernels.tokenize import tokenize
+    return CodeBook(tokenize(None, vocab, method="random", seed=seed, num_ids=num_ids), vocab)
+
+
+def batch(num_ids, size=13, dim=11, seed=1, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(size, dim, generator=generator, dtype=dtype)
+    labels = torch.randint(num_ids, (size,), generator=generator)
+    return features, labels
+
+
+@pytest.mark.parametrize("margin, m, m2, m3", [("arcface", None, 0.5, 0.0), ("cosface", 0.3, 0.0, 0.3),
+                                                ("none", None, 0.0, 0.0)])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_loss_is_the_reference_math(margin, m, m2, m3, backend):
+    book = codebook()
+    features, labels = batch(book.num_ids)
+    position_weight = torch.tensor([0.5, 1.5, 1.0])[:book.length]
+    anchors = torch.randn(book.num_ids, features.shape[1], dtype=torch.float64)
+    head = CodeHead(features.shape[1], book, scale=17.0, margin=margin, m=m, position_weight=position_weight,
+                    anchor_vectors=anchors, gamma=0.7, backend=backend).double()
+    loss, parts = head(features, labels)
+    code_ce = reference.fused_code_ce(features, head.weight, book.codes[labels], position_weight.double(),
+                                      17.0, m2, m3)
+    z, h = F.normalize(features, dim=1), F.normalize(anchors[labels], dim=1)
+    anchor = 0.5 * ((z * h).sum(1) - 1).square().mean()
+    torch.testing.assert_close(parts["code_ce"], code_ce, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(parts["anchor"].double(), anchor, rtol=1e-6, atol=1e-7)  # L_AR is float32
+    torch.testing.assert_close(loss, code_ce + 0.7 * anchor, rtol=1e-6, atol=1e-7)
+
+
+def test_projection_heads_feed_one_feature_per_position():
+    book = codebook()
+    features, labels = batch(book.num_ids)
+    head = CodeHead(features.shape[1], book, margin="cosface", proj_dim=7, backend="cpu").double()
+    projected = torch.einsum("bd,ldp->blp", features, head.proj_weight) + head.proj_bias
+    expected = reference.fused_code_ce(projected, head.weight, book.codes[labels], None, 64.0, 0.0, 0.4)
+    torch.testing.assert_close(head(features, labels)[0], expected, rtol=1e-10, atol=1e-10)
+    assert head.position_scores(features).shape == (len(labels), book.length, book.vocab)
+
+
+def test_gradients_reach_backbone_and_head():
+    book = codebook()
+    backbone = torch.nn.Sequential(torch.nn.Linear(9, 16), torch.nn.PReLU(), torch.nn.Linear(16, 11))
+    head = CodeHead(11, book, proj_dim=6, anchor_vectors=torch.randn(book.num_ids, 11), gamma=1.0)
+    images, labels = torch.randn(13, 9), torch.randint(book.num_ids, (13,))
+    loss, _ = head(backbone(images), labels)
+    loss.backward()
+    for name, parameter in [*backbone.named_parameters(), *head.named_parameters()]:
+        assert parameter.grad is not None and parameter.grad.isfinite().all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("num_ids, vocab", [(1, 2), (37, 5), (200, 7)])
+def test_identify_matches_exhaustive_scoring(num_ids, vocab):
+    book = codebook(num_ids, vocab)
+    head = CodeHead(11, book, scale=8.0)
+    features, _ = batch(num_ids, size=29, dtype=torch.float32)
+    topk = min(5, num_ids)
+    expected_ids, expected_scores = exhaustive_code_topk(head.position_scores(features), book.codes, topk)
+    ids, scores, exact = head.identify(features, beam=max(topk, 4), topk=topk, exact=True)
+    assert exact.all()
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(scores, expected_scores)
+    # A beam as wide as N is exhaustive on its own.
+    ids, _, exact = head.identify(features, beam=num_ids, topk=topk)
+    assert exact.all() and torch.equal(ids, expected_ids)
+
+
+def test_identify_ranks_by_the_cosine_logits_without_margin():
+    book = codebook()
+    head = CodeHead(11, book, scale=5.0, margin="arcface")
+    features, _ = batch(book.num_ids, dtype=torch.float32)
+    cos = torch.einsum("bd,lvd->blv", F.normalize(features, dim=1), F.normalize(head.weight.detach(), dim=-1))
+    torch.testing.assert_close(head.position_scores(features), torch.log_softmax(5.0 * cos, -1))
+
+
+def test_state_dict_rebuilds_the_head():
+    book = codebook()
+    features, labels = batch(book.num_ids, dtype=torch.float32)
+    head = CodeHead(11, book, scale=30.0, margin="cosface", m=0.25, position_weight=[1.0, 2.0, 0.5], proj_dim=4)
+    state = head.state_dict()
+    rebuilt = CodeHead.from_state_dict(state, book)
+    assert rebuilt.config() == head.config()
+    torch.testing.assert_close(rebuilt(features, labels)[0], head(features, labels)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="state_dict"):
+        CodeHead(11, codebook(num_ids=38), scale=30.0, margin="cosface", proj_dim=4,
+                 position_weight=[1.0, 2.0, 0.5]).load_state_dict(state)
+
+
+def test_bad_input_names_the_argument():
+    book = codebook()
+    head = CodeHead(11, book)
+    features, labels = batch(book.num_ids, dtype=torch.float32)
+    with pytest.raises(ValueError, match="labels: identity 37 is outside"):
+        head(features, torch.full_like(labels, book.num_ids))
+    with pytest.raises(ValueError, match="labels: expected shape"):
+        head(features, labels[:-1])
+    with pytest.raises(ValueError, match="features: expected shape"):
+        head(features[:, :-1], labels)
+    with pytest.raises(ValueError, match="margin"):
+        CodeHead(11, book, margin="sphereface")
+    with pytest.raises(ValueError, match="m: margin 'none'"):
+        CodeHead(11, book, margin="none", m=0.2)
+    with pytest.raises(ValueError, match="anchor_vectors"):
+        CodeHead(11, book, anchor_vectors=torch.randn(book.num_ids, 10))
+    with pytest.raises(ValueError, match="position_weight"):
+        CodeHead(11, book, position_weight=[1.0])
+    with pytest.raises(TypeError, match="codebook"):
+        CodeHead(11, book.codes)
+    with pytest.raises(ValueError, match="labels: identity"):
+        FullSoftmaxHead(11, 10)(features, labels + 10)
+
+
+def test_anchor_loss_is_zero_on_the_anchor():
+    anchors = torch.randn(5, 8)
+    assert anchor_loss(3 * anchors, anchors) < 1e-12
+    assert math.isclose(anchor_loss(anchors, -anchors).item(), 2.0, rel_tol=1e-6)
+
+
+def test_full_softmax_head_is_a_code_of_length_one():
+    features, labels = batch(23)
+    head = FullSoftmaxHead(11, 23, scale=16.0, margin="cosface").double()
+    expected = reference.fused_code_ce(features, head.weight[None], labels[:, None], None, 16.0, 0.0, 0.4)
+    torch.testing.assert_close(head(features, labels)[0], expected)
+    ids, _, exact = head.identify(features, topk=3)
+    cos = F.normalize(features, dim=1) @ F.normalize(head.weight.detach(), dim=1).T
+    assert torch.equal(ids, cos.topk(3).indices) and exact.all()
+
+
+def test_partial_fc_samples_positives_and_random_negatives():
+    features, labels = batch(101, size=17)
+    head = PartialFCHead(11, 101, sample_rate=0.3, scale=16.0, seed=3).double()
+    index, targets = head.sample(labels)
+    assert len(index) == 30 and torch.equal(index, index.sort().values)
+    assert torch.equal(index[targets], labels)  # every positive is in, labels remapped onto it
+    loss, _ = head(features, labels)
+    replay = PartialFCHead(11, 101, sample_rate=0.3, scale=16.0, seed=3).double()
+    replay.load_state_dict(head.state_dict())
+    other_index, _ = replay.sample(labels)  # draws continue where the saved head stopped
+    assert torch.equal(other_index, head.sample(labels)[0])
+    fresh = PartialFCHead(11, 101, sample_rate=0.3, seed=3)
+    assert torch.equal(fresh.sample(labels)[0], index)  # draw k is a function of (seed, k)
+    with pytest.raises(ValueError, match="sample_rate"):
+        PartialFCHead(11, 101, sample_rate=0.0)
+    with pytest.raises(ValueError, match="head: expected one of"):
+        build_head("arcface", 11, num_ids=10)
