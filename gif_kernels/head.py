@@ -16,7 +16,7 @@ from .decode import code_beam_search
 from .ops import BACKENDS, fused_code_ce
 
 # The margin of each kind when m is not given (insightface's ArcFace and CosFace defaults).
-DEFAULT_MARGINS = {"arcface": 0.5, "cosface": 0.4, "none": 0.0}
+DEFAULT_MARGINS = {"cosface": 0.4, "arcface": 0.5, "none": 0.0}
 
 
 def margin_args(margin: str, m: float | None) -> tuple[float, float]:
@@ -40,7 +40,7 @@ def anchor_loss(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 class CodeHead(nn.Module):
     """L margin classifiers over V tokens, trained on the codes of a CodeBook.
 
-    feature_dim: D of the backbone's features. scale, margin ("arcface", "cosface", "none") and m
+    feature_dim: D of the backbone's features. scale, margin ("cosface", "arcface", "none") and m
     (default DEFAULT_MARGINS[margin]) shape the logits as in fused_code_ce. position_weight: (L,)
     lambda_j, default all 1. proj_dim: adds one linear projection per position, (B, D) ->
     (B, L, proj_dim), before the classifiers. anchor_vectors: (N, D) one vector per identity; adds
@@ -48,7 +48,7 @@ class CodeHead(nn.Module):
     only the batch's rows are gathered and moved. backend: fused_code_ce's and code_beam_search's.
     """
 
-    def __init__(self, feature_dim: int, codebook: CodeBook, scale: float = 64.0, margin: str = "arcface",
+    def __init__(self, feature_dim: int, codebook: CodeBook, scale: float = 64.0, margin: str = "cosface",
                  m: float | None = None, position_weight=None, proj_dim: int | None = None,
                  anchor_vectors: torch.Tensor | None = None, gamma: float = 1.0, backend: str = "auto"):
         super().__init__()

@@ -1,0 +1,96 @@
+"""Training checkpoints: one safetensors file per save, written atomically (temp file + rename).
+
+Tensors (model, optimizer state) go in the file's tensors; everything else (the step, the run's
+arguments, modules' extra state, optimizer hyper-parameters) in its JSON header. No pickle.
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FILE_PATTERN = re.compile(r"checkpoint-(\d+)\.safetensors")
+KEEP = 2  # checkpoints kept on disk: the newest, and one before it in case the newest is damaged
+
+
+def _split(prefix: str, tree, tensors: dict, plain: dict):
+    """Flatten nested dicts: tensor leaves into `tensors`, the rest (JSON-able) into `plain`."""
+    if isinstance(tree, torch.Tensor):
+        tensors[prefix] = tree.detach().to("cpu").contiguous()
+    elif isinstance(tree, dict) and tree and all(isinstance(k, (str, int)) for k in tree):
+        for key, value in tree.items():
+            _split(f"{prefix}/{key}", value, tensors, plain)
+    else:
+        plain[prefix] = tree
+
+
+def _join(tensors: dict, plain: dict) -> dict:
+    root = {}
+    for path, value in [*tensors.items(), *plain.items()]:
+        node, keys = root, path.split("/")[1:]
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return root
+
+
+def _int_keys(state: dict) -> dict:
+    """Optimizer state is keyed by parameter index (int), which the flat names turned into strings."""
+    return {int(k): v for k, v in state.items()}
+
+
+def save(directory, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: dict,
+         stats: dict) -> Path:
+    """Write directory/checkpoint-{step}.safetensors atomically and drop all but the newest KEEP."""
+    directory = Path(directory)
+    tensors, plain = {}, {}
+    _split("", {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tensors, plain)
+    path = directory / f"checkpoint-{step}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"step": str(step), "run": json.dumps(run),
+                                          "stats": json.dumps(stats), "plain": json.dumps(plain)})
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint as the latest
+    for old in sorted(checkpoints(directory))[:-KEEP]:
+        old[1].unlink(missing_ok=True)
+    return path
+
+
+def checkpoints(directory) -> list[tuple[int, Path]]:
+    """(step, path) of each checkpoint in directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), directory / m.group(0)) for m in map(FILE_PATTERN.fullmatch, os.listdir(directory)) if m]
+    return sorted(found)
+
+
+def load(path) -> dict:
+    """{"step", "run", "stats", "model" (state dict), "optimizer" (state dict)} of a checkpoint file."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        plain = json.loads(metadata["plain"])
+        step, run, stats = int(metadata["step"]), json.loads(metadata["run"]), json.loads(metadata["stats"])
+    except Exception as error:
+        raise ValueError(f"checkpoint: {path} is not a readable checkpoint (damaged or not one): {error}") from error
+    tree = _join(tensors, plain)
+    optimizer = tree.get("optimizer", {})
+    optimizer["state"] = _int_keys(optimizer.get("state", {}))
+    return {"step": step, "run": run, "stats": stats, "model": tree.get("model", {}), "optimizer": optimizer}
+
+
+def load_latest(directory) -> dict | None:
+    """The newest readable checkpoint in directory (older ones if the newest is damaged), or None."""
+    errors = []
+    for _, path in reversed(checkpoints(directory)):
+        try:
+            return {**load(path), "path": path}
+        except ValueError as error:
+            errors.append(str(error))
+    if errors:
+        raise ValueError("checkpoint: no readable checkpoint in " + os.fspath(directory) + ": " + "; ".join(errors))
+    return None

@@ -1,0 +1,131 @@
+"""Evaluation of a trained model: identification and verification.
+
+- Identification: held-out images of the training identities, top-1 / top-5 of head.identify()
+  (beam search over the code trie for the code head, every class for the softmax heads).
+- Verification: genuine / impostor pairs among images of identities never trained on, scored by
+  the cosine of backbone embeddings; TAR at FAR 1e-3 and 1e-4 from scikit-learn's ROC.
+
+    python -m gif_kernels.train.evaluate OUT/checkpoint-S.safetensors [--out DIR]
+"""
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..constants import NORM_EPS
+from . import checkpoint
+from .model import embed
+
+FARS = (1e-3, 1e-4)
+# Pairs scored for verification: all of them up to this many, else this many sampled.
+MAX_PAIRS = 4_000_000
+PAIR_CHUNK = 1 << 16  # pairs whose embeddings are gathered at once
+IDENTIFY_BATCH = 1024
+
+
+@torch.no_grad()
+def identification(head, features: torch.Tensor, labels: torch.Tensor, device, beam: int) -> dict:
+    """Top-1 and top-5 accuracy of head.identify on features (n, D) with true labels (n,)."""
+    hits1 = hits5 = certified = 0
+    for start in range(0, len(labels), IDENTIFY_BATCH):
+        batch = features[start:start + IDENTIFY_BATCH].to(device)
+        ids, _, exact = head.identify(batch, beam=beam, topk=5)
+        truth = labels[start:start + IDENTIFY_BATCH, None].to(ids.device)
+        hits1 += int((ids[:, :1] == truth).sum())
+        hits5 += int((ids == truth).any(1).sum())
+        certified += int(exact.sum())
+    count = max(len(labels), 1)
+    return {"ident_top1": hits1 / count, "ident_top5": hits5 / count, "ident_exact": certified / count,
+            "ident_queries": len(labels)}
+
+
+def verification_pairs(labels: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j) index pairs, i < j: all pairs of the n images when there are at most MAX_PAIRS, else
+    every genuine pair (up to MAX_PAIRS / 2, sampled) and random impostor pairs to fill."""
+    n = len(labels)
+    if n * (n - 1) // 2 <= MAX_PAIRS:
+        return torch.triu_indices(n, n, offset=1).unbind(0)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.argsort(labels, stable=True)
+    counts = torch.unique_consecutive(labels[order], return_counts=True)[1]
+    genuine = [torch.combinations(group, 2) for group in torch.split(order, counts.tolist()) if len(group) > 1]
+    genuine = torch.cat(genuine) if genuine else torch.empty(0, 2, dtype=torch.long)
+    if len(genuine) > MAX_PAIRS // 2:
+        genuine = genuine[torch.randperm(len(genuine), generator=generator)[:MAX_PAIRS // 2]]
+    draw = torch.randint(n, (2, MAX_PAIRS - len(genuine)), generator=generator)
+    impostor = draw[:, labels[draw[0]] != labels[draw[1]]].T
+    pairs = torch.cat([genuine, impostor]).sort(dim=1).values
+    return pairs[:, 0], pairs[:, 1]
+
+
+def verification(embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
+    """TAR at each FAR in FARS over the pairs of verification_pairs, by cosine similarity."""
+    try:
+        from sklearn.metrics import roc_curve
+    except ImportError as error:
+        raise ImportError("verification needs scikit-learn: pip install scikit-learn "
+                          "(or gif-kernels[train])") from error
+    first, second = verification_pairs(labels, seed)
+    z = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
+    similarity = torch.cat([(z[first[i:i + PAIR_CHUNK]] * z[second[i:i + PAIR_CHUNK]]).sum(1)
+                            for i in range(0, len(first), PAIR_CHUNK)]).numpy()
+    genuine = (labels[first] == labels[second]).numpy()
+    result = {"genuine_pairs": int(genuine.sum()), "impostor_pairs": int((~genuine).sum())}
+    if result["genuine_pairs"] == 0 or result["impostor_pairs"] == 0:
+        return {**result, **{f"tar@far={far:.0e}".replace("e-0", "e-"): math.nan for far in FARS}}
+    fpr, tpr, _ = roc_curve(genuine, similarity)
+    for far in FARS:  # the best TAR among thresholds whose FAR does not exceed the target
+        result[f"tar@far={far:.0e}".replace("e-0", "e-")] = float(tpr[np.searchsorted(fpr, far, side="right") - 1])
+    return result
+
+
+def evaluate(model, splits, device, beam: int = 32, workers: int = 0, seed: int = 0) -> dict:
+    """Identification and verification metrics of a FaceModel on the held-out splits."""
+    was_training = model.training
+    model.eval()
+    ident_features, ident_labels = embed(model.backbone, splits.ident_test, device, workers=workers)
+    metrics = identification(model.head, ident_features, ident_labels, device, beam) if len(ident_labels) else {}
+    verify_embeddings, verify_labels = embed(model.backbone, splits.verify, device, workers=workers)
+    if len(verify_labels):
+        metrics.update(verification(verify_embeddings, verify_labels, seed))
+    model.train(was_training)
+    return metrics
+
+
+def write_metrics(directory, metrics: dict) -> Path:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    path = Path(directory) / "metrics.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m gif_kernels.train.evaluate",
+                                     description="Evaluate a checkpoint of the reference trainer.")
+    parser.add_argument("checkpoint", help="a checkpoint-S.safetensors file, or the run's output folder (its newest)")
+    parser.add_argument("--out", help="folder for metrics.json (default: the checkpoint's folder)")
+    parser.add_argument("--beam", type=int, help="beam width of identify() (default: the run's --eval-beam)")
+    parser.add_argument("--workers", type=int, default=0)
+    args = parser.parse_args(argv)
+    from .trainer import restore_for_evaluation
+    path = Path(args.checkpoint)
+    saved = checkpoint.load_latest(path) if path.is_dir() else {**checkpoint.load(path), "path": path}
+    if saved is None:
+        parser.error(f"checkpoint: no checkpoint in {path}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, splits, run = restore_for_evaluation(saved, Path(saved["path"]).parent, device)
+    metrics = evaluate(model, splits, device, args.beam or run["eval_beam"], args.workers, run["seed"])
+    metrics.update(head=run["head"], steps=saved["step"], images_per_s=saved["stats"].get("images_per_s"))
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"wrote {write_metrics(args.out or Path(saved['path']).parent, metrics)}")
+
+
+if __name__ == "__main__":
+    main()

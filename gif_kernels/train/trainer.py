@@ -1,0 +1,332 @@
+"""The reference trainer: a backbone with the code head (or full softmax / Partial FC to compare).
+
+    python -m gif_kernels.train --data synthetic --ids 100 --out runs/demo
+    torchrun --nproc_per_node 2 -m gif_kernels.train --data synthetic --ids 50 --out runs/ddp
+    python -m gif_kernels.train --out runs/demo --resume
+
+One process, or many through torchrun (DDP: gloo on CPU, nccl on GPU; every process holds the
+whole code head, which is small). --batch-size is the global batch, split across processes.
+Checkpoints are written atomically every --checkpoint-every steps; --resume continues from the
+newest. At the end the model is evaluated (gif_kernels.train.evaluate) into OUT/metrics.json.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..codebook import CodeBook
+from ..head import DEFAULT_MARGINS
+from ..ops import BACKENDS
+from ..tokenize import METHODS
+from . import checkpoint
+from .backbones import BACKBONES
+from .data import SYNTHETIC_IMAGES_PER_ID, load_data
+from .evaluate import evaluate, write_metrics
+from .heads import HEADS
+from .model import build_backbone_for, build_codebook, build_model, identity_vectors
+
+CODES_FILE = "codes.safetensors"
+VECTORS_FILE = "identity_vectors.npy"
+# Arguments a resumed run must share with the run it continues. Others given on its command line
+# (e.g. --steps to train longer, --workers) replace the saved ones.
+RESUME_KEYS = ("data", "ids", "images_per_id", "holdout_per_id", "verify_ids", "image_size", "backbone",
+               "embedding_dim", "head", "sample_rate", "margin", "m", "scale", "vocab", "length", "proj_dim",
+               "gamma", "codes", "code_method", "identity_vectors", "spread_steps", "optimizer", "lr",
+               "momentum", "weight_decay", "warmup", "batch_size", "grad_clip", "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gif_kernels.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder: checkpoints, codes, log.csv, metrics.json")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="synthetic",
+                      help="synthetic | imagefolder:PATH | recordio:PATH | features:PATH (.npz or folder)")
+    data.add_argument("--ids", type=int, help="training identities (synthetic: 100; real data: all)")
+    data.add_argument("--images-per-id", type=int, default=SYNTHETIC_IMAGES_PER_ID,
+                      help="synthetic: training images per identity")
+    data.add_argument("--holdout-per-id", type=int, default=2, help="images per identity held out for identification")
+    data.add_argument("--verify-ids", type=int, help="identities held out for verification (default: data's)")
+    data.add_argument("--image-size", type=int,
+                      help="default 112 (insightface's crop); 64 for synthetic data with the cnn backbone "
+                           "(the synthetic faces are drawn at 64x64), which keeps CPU runs short")
+    data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    model = p.add_argument_group("model")
+    model.add_argument("--backbone", default="auto", choices=("auto",) + BACKBONES,
+                       help="auto: iresnet50 on a GPU, cnn on the CPU (unused for features data)")
+    model.add_argument("--embedding-dim", type=int, default=512)
+    model.add_argument("--head", default="gif", choices=HEADS)
+    model.add_argument("--sample-rate", type=float, default=0.1, help="partial_fc: fraction of classes per step")
+    model.add_argument("--margin", default="cosface", choices=tuple(DEFAULT_MARGINS))
+    model.add_argument("--m", type=float, help="margin (default: 0.4 cosface, 0.5 arcface)")
+    model.add_argument("--scale", type=float, default=64.0)
+    model.add_argument("--backend", default="auto", choices=BACKENDS, help="code head kernels")
+    codes = p.add_argument_group("codes (gif head)")
+    codes.add_argument("--codes", help="a CodeBook file (python -m gif_kernels.tokenize); else built at start")
+    codes.add_argument("--vocab", type=int, default=16)
+    codes.add_argument("--length", type=int, help="default: smallest L with vocab**L >= ids")
+    codes.add_argument("--code-method", default="kmeans", choices=METHODS)
+    codes.add_argument("--identity-vectors", help=".npy (N, D) identity vectors to build codes from "
+                                                  "(default: mean features of the initial backbone)")
+    codes.add_argument("--spread-steps", type=int, default=0, help="uniformity steps on the vectors first")
+    codes.add_argument("--proj-dim", type=int, help="per-position projection heads of this width")
+    codes.add_argument("--gamma", type=float, default=0.0,
+                       help="weight of L_AR toward the identity vectors (needs them at the features' width)")
+    codes.add_argument("--eval-beam", type=int, default=32, help="beam width of identification")
+    optim = p.add_argument_group("optimization")
+    optim.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
+    optim.add_argument("--lr", type=float, default=0.002)
+    optim.add_argument("--momentum", type=float, default=0.9, help="sgd")
+    optim.add_argument("--weight-decay", type=float, default=0.05)
+    optim.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warmup")
+    optim.add_argument("--epochs", type=float, default=8)
+    optim.add_argument("--steps", type=int, help="total steps (overrides --epochs)")
+    optim.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes")
+    optim.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0: off)")
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    optim.add_argument("--log-every", type=int, default=20)
+    return p
+
+
+def parse_run(argv=None) -> dict:
+    parser = build_parser()
+    run = vars(parser.parse_args(argv))
+    run["explicit"] = sorted(k for k, v in run.items() if v != parser.get_default(k))
+    if run["backbone"] == "auto":
+        run["backbone"] = "iresnet50" if torch.cuda.is_available() else "cnn"
+    if run["image_size"] is None:
+        run["image_size"] = 64 if run["data"] == "synthetic" and run["backbone"] == "cnn" else 112
+    for key in ("ids", "verify_ids", "length", "proj_dim", "steps"):
+        if run[key] is not None and run[key] < (0 if key == "verify_ids" else 1):
+            parser.error(f"--{key.replace('_', '-')}: expected a positive integer, got {run[key]}")
+    if run["batch_size"] < 1 or run["checkpoint_every"] < 1 or run["log_every"] < 1:
+        parser.error("--batch-size, --checkpoint-every and --log-every must be >= 1")
+    return run
+
+
+def setup_distributed():
+    """(rank, world size, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return dist.get_rank(), world, device
+    return 0, 1, device
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def learning_rate(run: dict, step: int, total: int) -> float:
+    """Linear warmup over run["warmup"] of the steps, then cosine decay to 0."""
+    warmup = int(run["warmup"] * total)
+    if step < warmup:
+        return run["lr"] * (step + 1) / warmup
+    return run["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def load_splits(run: dict):
+    return load_data(run["data"], ids=run["ids"], image_size=run["image_size"],
+                     images_per_id=run["images_per_id"], holdout_per_id=run["holdout_per_id"],
+                     verify_ids=run["verify_ids"], seed=run["seed"])
+
+
+def prepare_codes(run: dict, out: Path, backbone, splits, device, rank: int, world: int):
+    """(CodeBook, identity vectors or None), made once by rank 0 into OUT and read by every rank, so
+    that all processes (and a resumed run) train on the same codes."""
+    if run["head"] != "gif":
+        return None, None
+    needs_vectors = not run["codes"] or run["gamma"] > 0
+    if rank == 0 and not (out / CODES_FILE).exists():
+        vectors = identity_vectors(run, backbone, splits, device, run["workers"]) if needs_vectors else None
+        build_codebook(run, vectors, splits.num_ids).save(out / CODES_FILE)
+        if vectors is not None:
+            np.save(out / VECTORS_FILE, vectors.numpy())
+    barrier(world)
+    codebook = CodeBook.load(out / CODES_FILE)
+    anchors = None
+    if run["gamma"] > 0:
+        anchors = torch.from_numpy(np.load(out / VECTORS_FILE, allow_pickle=False))
+    return codebook, anchors
+
+
+def restore_for_evaluation(saved: dict, out: Path, device):
+    """(model with the checkpoint's weights, data splits, run arguments) of a saved checkpoint."""
+    run = saved["run"]
+    splits = load_splits(run)
+    backbone, feature_dim = build_backbone_for(run, splits.input_shape)
+    codebook = CodeBook.load(out / CODES_FILE) if run["head"] == "gif" else None
+    model = build_model(run, backbone, feature_dim, splits.num_ids, codebook)
+    model.load_state_dict(saved["model"], strict=False)  # without anchors: L_AR is training-only
+    return model.to(device), splits, run
+
+
+def resumed_run(run: dict, saved: dict) -> dict:
+    """The saved run's arguments, with those given on this command line that may change."""
+    previous = saved["run"]
+    for key in RESUME_KEYS:
+        if key in run["explicit"] and run[key] != previous[key]:
+            raise ValueError(f"--{key.replace('_', '-')}: {run[key]!r} differs from the run being resumed "
+                             f"({previous[key]!r}); start a new --out to change it")
+    return {**previous, **{k: run[k] for k in run["explicit"]}, "explicit": run["explicit"]}
+
+
+class Log:
+    """log.csv (appended across resumes) and TensorBoard where installed; rank 0 only."""
+
+    def __init__(self, out: Path):
+        self.path = out / "log.csv"
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(out / "tensorboard")
+        except ImportError:
+            pass
+
+    def write(self, step: int, values: dict):
+        fresh = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            row = csv.DictWriter(f, fieldnames=["step", *values])
+            if fresh:
+                row.writeheader()
+            row.writerow({"step": step, **values})
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(run: dict) -> dict | None:
+    """Train, checkpoint and evaluate as `run` (parse_run's dict) says; rank 0 returns the metrics."""
+    rank, world, device = setup_distributed()
+    out = Path(run["out"])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(world)
+    saved = checkpoint.load_latest(out) if run["resume"] else None
+    if saved is not None:
+        run = resumed_run(run, saved)
+    elif checkpoint.checkpoints(out):
+        raise ValueError(f"out: {out} already holds checkpoints; pass --resume to continue, or another --out")
+    if run["batch_size"] % world:
+        raise ValueError(f"batch_size: {run['batch_size']} does not split over {world} processes")
+    batch = run["batch_size"] // world
+
+    splits = load_splits(run)
+    torch.manual_seed(run["seed"])  # the same initial weights in every process
+    backbone, feature_dim = build_backbone_for(run, splits.input_shape)
+    backbone.to(device)
+    codebook, anchors = prepare_codes(run, out, backbone, splits, device, rank, world)
+    if anchors is not None and anchors.shape[1] != feature_dim:
+        raise ValueError(f"gamma: L_AR needs identity vectors of the features' width {feature_dim}, got "
+                         f"{anchors.shape[1]}; pass --gamma 0 or vectors of that width")
+    model = build_model(run, backbone, feature_dim, splits.num_ids, codebook,
+                        anchors.to(device) if anchors is not None and device.type == "cuda" else anchors)
+    model.to(device)
+    if run["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=run["lr"], momentum=run["momentum"],
+                                    weight_decay=run["weight_decay"])
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=run["lr"], weight_decay=run["weight_decay"])
+    step = 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        step = saved["step"]
+        if rank == 0:
+            print(f"resumed from step {step} ({saved['path']})", flush=True)
+    step_model = DistributedDataParallel(model) if world > 1 else model
+
+    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=run["seed"],
+                                 drop_last=True)
+    per_epoch = len(sampler) // batch
+    if per_epoch == 0:
+        raise ValueError(f"batch_size: {run['batch_size']} is more than the {len(splits.train)} training images")
+    total = run["steps"] or max(1, round(run["epochs"] * per_epoch))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    log = Log(out) if rank == 0 else None
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+        progress = tqdm(total=total, initial=step, desc=f"train {run['head']}", unit="step", dynamic_ncols=True)
+    stats = dict(saved["stats"]) if saved is not None else {}
+    timed_images, timed_seconds, last = 0, 0.0, None
+    while step < total:
+        epoch, offset = divmod(step, per_epoch)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches = [order[i * batch:(i + 1) * batch] for i in range(offset, per_epoch)]
+        loader = DataLoader(splits.train, batch_sampler=batches, num_workers=run["workers"],
+                            pin_memory=device.type == "cuda")
+        for inputs, labels in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(run, step, total)
+            with autocast:
+                loss, parts = step_model(inputs.to(device, non_blocking=True), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if run["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), run["grad_clip"])
+            optimizer.step()
+            step += 1
+            now = time.perf_counter()
+            if last is not None:  # the first step of each loader (its start-up) is not timed
+                timed_images, timed_seconds = timed_images + batch * world, timed_seconds + now - last
+            last = now
+            if rank == 0:
+                progress.update(1)
+                if step % run["log_every"] == 0 or step == total:
+                    values = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": loss.item(),
+                              **{k: v.item() for k, v in parts.items()}}
+                    if timed_seconds:
+                        values["images_per_s"] = timed_images / timed_seconds
+                    progress.set_postfix(loss=f"{values['loss']:.3f}")
+                    log.write(step, values)
+            if step % run["checkpoint_every"] == 0 or step == total:
+                if timed_seconds:
+                    stats["images_per_s"] = timed_images / timed_seconds
+                if rank == 0:
+                    checkpoint.save(out, step, model, optimizer, run, stats)
+                barrier(world)
+            if step >= total:
+                break
+        last = None
+
+    metrics = None
+    if rank == 0:
+        progress.close()
+        log.close()
+        metrics = evaluate(model, splits, device, run["eval_beam"], run["workers"], run["seed"])
+        metrics.update(head=run["head"], steps=step, images_per_s=stats.get("images_per_s"),
+                       backbone=run["backbone"], num_ids=splits.num_ids, processes=world)
+        if codebook is not None:
+            metrics.update(code_length=codebook.length, vocab=codebook.vocab)
+        write_metrics(out, metrics)
+        print(json.dumps(metrics, sort_keys=True), flush=True)
+    barrier(world)
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+def main(argv=None):
+    train(parse_run(argv))

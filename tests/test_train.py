@@ -1,0 +1,141 @@
+"""The reference trainer end to end on tiny runs: metrics, checkpoints, kill and resume, DDP, evaluation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gif_kernels.train import checkpoint
+from gif_kernels.train.evaluate import verification, verification_pairs
+from gif_kernels.train.trainer import learning_rate, parse_run, train
+
+# A run small enough for a few seconds on two CPU cores; tests add --out and what they vary.
+TINY = ["--data", "synthetic", "--ids", "6", "--images-per-id", "4", "--holdout-per-id", "2", "--verify-ids", "3",
+        "--image-size", "16", "--backbone", "cnn", "--embedding-dim", "16", "--vocab", "3", "--batch-size", "8",
+        "--steps", "6", "--checkpoint-every", "2", "--log-every", "1"]
+METRIC_KEYS = {"ident_top1", "ident_top5", "tar@far=1e-3", "tar@far=1e-4", "images_per_s", "head", "steps"}
+
+
+def command(*args):
+    return [sys.executable, "-m", "gif_kernels.train", *args]
+
+
+def environment():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def parameters(path):
+    return {k: v for k, v in checkpoint.load(path)["model"].items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("head", ["gif", "full", "partial_fc"])
+def test_a_tiny_run_writes_checkpoints_log_and_metrics(tmp_path, head):
+    metrics = train(parse_run([*TINY, "--head", head, "--sample-rate", "0.5", "--out", str(tmp_path)]))
+    assert METRIC_KEYS <= set(metrics) and metrics["head"] == head and metrics["steps"] == 6
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert 0 <= metrics["ident_top1"] <= metrics["ident_top5"] <= 1
+    assert metrics["ident_queries"] == 6 * 2 and metrics["genuine_pairs"] == 3 * 15
+    assert [step for step, _ in checkpoint.checkpoints(tmp_path)] == [4, 6]  # the newest KEEP
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 6
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(parse_run([*TINY, "--head", head, "--out", str(tmp_path)]))
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = [*TINY, "--steps", "12", "--checkpoint-every", "1", "--gamma", "1.0"]
+    subprocess.run(command(*args, "--out", str(whole)), check=True, env=environment(), capture_output=True)
+    process = subprocess.Popen(command(*args, "--out", str(killed)), env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(step >= 3 for step, _ in checkpoint.checkpoints(killed)) and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint in 120 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved_step = checkpoint.checkpoints(killed)[-1][0]
+    assert 3 <= saved_step < 12, "the run finished before it could be killed: make it longer"
+    resumed = subprocess.run(command(*args, "--out", str(killed), "--resume"), check=True, env=environment(),
+                             capture_output=True, text=True)
+    assert f"resumed from step {saved_step}" in resumed.stdout
+    expected, got = parameters(whole / "checkpoint-12.safetensors"), parameters(killed / "checkpoint-12.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    with pytest.raises(ValueError, match="--head"):
+        train(parse_run([*args, "--head", "full", "--out", str(killed), "--resume"]))
+
+
+def test_two_process_ddp_run_and_resume(tmp_path):
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "gif_kernels.train", *TINY, "--out", str(tmp_path)]
+    first = subprocess.run(launch, env=environment(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 6
+    more = subprocess.run([*launch, "--steps", "8", "--resume"], env=environment(), capture_output=True,
+                          text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resumed from step 6" in more.stdout
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 8
+
+
+def test_evaluate_cli_reproduces_the_run_metrics(tmp_path):
+    metrics = train(parse_run([*TINY, "--out", str(tmp_path)]))
+    result = subprocess.run([sys.executable, "-m", "gif_kernels.train.evaluate", str(tmp_path),
+                             "--out", str(tmp_path / "again")], check=True, env=environment(),
+                            capture_output=True, text=True)
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert "wrote" in result.stdout
+    for key in METRIC_KEYS:
+        assert again[key] == pytest.approx(metrics[key]), key
+
+
+def test_checkpoint_round_trip_of_model_and_optimizer(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(7, 5)).square().sum().backward()
+    optimizer.step()
+    path = checkpoint.save(tmp_path, 3, model, optimizer, {"seed": 1}, {"images_per_s": 2.5})
+    saved = checkpoint.load(path)
+    assert saved["step"] == 3 and saved["run"] == {"seed": 1} and saved["stats"] == {"images_per_s": 2.5}
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.01)
+    fresh.load_state_dict(saved["optimizer"])
+    for key, value in optimizer.state_dict()["state"][0].items():
+        assert torch.equal(fresh.state_dict()["state"][0][key], value)
+    assert not list(tmp_path.glob("*.tmp"))
+    path.write_bytes(path.read_bytes()[:50])  # damaged: named error, and load_latest says so
+    with pytest.raises(ValueError, match="checkpoint: .* not a readable checkpoint"):
+        checkpoint.load(path)
+    with pytest.raises(ValueError, match="no readable checkpoint"):
+        checkpoint.load_latest(tmp_path)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    run = {"lr": 0.2, "warmup": 0.1}
+    rates = [learning_rate(run, step, 100) for step in range(100)]
+    assert rates[0] == pytest.approx(0.02) and rates[9] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] < 1e-3
+
+
+def test_verification_tar_at_far_against_a_direct_count():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(40).repeat_interleave(6)
+    centers = torch.randn(40, 24, generator=generator)
+    embeddings = centers[labels] + 0.9 * torch.randn(len(labels), 24, generator=generator)
+    result = verification(embeddings, labels)
+    first, second = verification_pairs(labels)
+    z = torch.nn.functional.normalize(embeddings, dim=1)
+    similarity = (z[first] * z[second]).sum(1).numpy()
+    genuine = (labels[first] == labels[second]).numpy()
+    impostor = np.sort(similarity[~genuine])[::-1]
+    for far, key in ((1e-3, "tar@far=1e-3"), (1e-4, "tar@far=1e-4")):
+        allowed = int(far * len(impostor))  # impostors that may score at or above the threshold
+        threshold = impostor[allowed] if allowed < len(impostor) else -np.inf
+        assert result[key] == pytest.approx((similarity[genuine] > threshold).mean()), key
+    assert result["genuine_pairs"] == 40 * 15 and 0 < result["tar@far=1e-4"] <= result["tar@far=1e-3"] < 1
