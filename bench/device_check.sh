@@ -3,12 +3,12 @@
 # for sm_90, runs the GPU tests (marked cuda, plus the Triton tests on the GPU), compute-sanitizer
 # (memcheck, racecheck) over a small case of every GPU kernel, and the benchmarks. Writes one log per
 # step and summary.json (build_info, test counts, sanitizer errors, benchmark results) to the output
-# folder: the argument, else $OUT, else ./device_check. About 7 minutes on an H100.
+# folder: the argument, else $OUT, else ./device_check. About 9 minutes on an H100.
 #
 #   bash bench/device_check.sh [--quick] [OUT_DIR]
 #
-# --quick (about 3 minutes) leaves out the Triton shape grid, racecheck, the large benchmark shapes
-# and the decoding benchmark. Optional peers are benchmarked when installed (pip install
+# --quick (about 4 minutes) leaves out the Triton shape grid, racecheck, the large benchmark shapes
+# and the decoding and training-throughput benchmarks. Optional peers are benchmarked when installed (pip install
 # cut-cross-entropy). Every step runs even if an earlier one failed; the exit status is that of the
 # first failed step.
 set -uo pipefail
@@ -52,6 +52,11 @@ done
 step kernels timeout 240 python bench/kernels.py "${kernel_shapes[@]}" --profile --json "$work/kernels.json"
 step scale_ids timeout 240 python bench/scale_ids.py --ids 10M --json "$work/scale_ids.json"
 [ $quick -eq 0 ] && step decode timeout 240 python bench/decode.py --device cuda --tries 1Mx16x5 10Mx16x6 --repeats 2
+# The trainer on the GPU (bf16, CUDA code head, identification through the GPU beam search), then
+# training throughput of IResNet-50 with each head at 1M and 10M identities.
+step train timeout 180 python -m gif_kernels.train --data synthetic --ids 1000 --images-per-id 16 \
+  --backbone iresnet18 --batch-size 256 --steps 60 --workers 8 --out "$work/train"
+[ $quick -eq 0 ] && step train_throughput timeout 300 python bench/train_throughput.py --json "$work/train_throughput.json"
 
 python - "$work" "$out" <<'PY'
 import json, re, sys
@@ -72,9 +77,10 @@ for tool in ("memcheck", "racecheck"):
         continue
     found = re.search(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", log)
     summary[f"{tool}_errors"] = int(found.group(1) or found.group(2)) if found else None
-for bench in ("kernels", "scale_ids"):
+for bench, path in (("kernels", "kernels.json"), ("scale_ids", "scale_ids.json"),
+                   ("train", "train/metrics.json"), ("train_throughput", "train_throughput.json")):
     try:
-        summary[bench] = json.load(open(f"{work}/{bench}.json"))
+        summary[bench] = json.load(open(f"{work}/{path}"))
     except (OSError, ValueError):
         summary[bench] = None
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)

@@ -158,3 +158,19 @@ def test_partial_fc_samples_positives_and_random_negatives():
         PartialFCHead(11, 101, sample_rate=0.0)
     with pytest.raises(ValueError, match="head: expected one of"):
         build_head("arcface", 11, num_ids=10)
+
+
+@pytest.mark.cuda
+def test_cuda_head_matches_the_cpu_head():
+    book = codebook(num_ids=500, vocab=8)
+    features, labels = batch(book.num_ids, size=67, dtype=torch.float32)
+    head = CodeHead(11, book, proj_dim=9, anchor_vectors=torch.randn(book.num_ids, 11), gamma=0.5)
+    loss, parts = head(features, labels)
+    ids, scores, _ = head.identify(features, beam=16)
+    head.cuda()
+    cuda_loss, cuda_parts = head(features.cuda(), labels.cuda())
+    torch.testing.assert_close(cuda_loss.cpu(), loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cuda_parts["anchor"].cpu(), parts["anchor"], rtol=1e-5, atol=1e-6)
+    cuda_ids, cuda_scores, _ = head.identify(features.cuda(), beam=16)
+    assert (cuda_ids.cpu() == ids).float().mean() > 0.99  # float rounding may swap near-ties
+    torch.testing.assert_close(cuda_scores.cpu(), scores, rtol=1e-4, atol=1e-4)

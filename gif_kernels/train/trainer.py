@@ -103,7 +103,9 @@ def parse_run(argv=None) -> dict:
     parser = build_parser()
     run = vars(parser.parse_args(argv))
     run["explicit"] = sorted(k for k, v in run.items() if v != parser.get_default(k))
-    if run["backbone"] == "auto":
+    if run["data"].startswith("features:"):
+        run["backbone"] = "none"  # precomputed embeddings train the head alone
+    elif run["backbone"] == "auto":
         run["backbone"] = "iresnet50" if torch.cuda.is_available() else "cnn"
     if run["image_size"] is None:
         run["image_size"] = 64 if run["data"] == "synthetic" and run["backbone"] == "cnn" else 112
