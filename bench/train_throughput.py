@@ -5,7 +5,7 @@ A step is what training does per batch: backbone forward, head loss, backward an
 fixed random labels held on the device, so that compute is measured, not data loading. bf16
 autocast on CUDA, float32 on the CPU. Rows:
   backbone     the backbone alone, a trivial loss on its embeddings: the ceiling for every head
-  gif          gif_kernels.head.CodeHead (ArcFace margin) over random codes, V = --vocab,
+  gif          gif_kernels.CodeHead over random codes, V = --vocab,
                L the smallest with V^L >= N
   full         FullSoftmaxHead: an (N, D) weight, softmax over all N identities
   partial_fc   PartialFCHead: the same weight, softmax over --sample-rate * N sampled identities
@@ -156,7 +156,7 @@ def build_head(kind, num_ids, length, args):
     """The head `kind` for num_ids identities, its parameters on the device."""
     if kind == "gif":
         codes = tokenize(None, args.vocab, length, method="random", num_ids=num_ids, seed=0)
-        head = CodeHead(args.embedding_dim, gif_kernels.CodeBook(codes, args.vocab), margin="arcface")
+        head = CodeHead(args.embedding_dim, gif_kernels.CodeBook(codes, args.vocab))
     elif kind == "full":
         head = FullSoftmaxHead(args.embedding_dim, num_ids)
     else:

@@ -15,9 +15,10 @@ except ImportError as error:  # the extension is built by pip install, not at im
 from . import ops
 from .codebook import CodeBook, CodeTrie
 from .decode import code_beam_search, exhaustive_code_topk
+from .head import CodeHead
 from .ops import BACKENDS, fused_code_ce
 
 build_info = _C.build_info
 
-__all__ = ["BACKENDS", "CodeBook", "CodeTrie", "build_info", "code_beam_search", "exhaustive_code_topk",
+__all__ = ["BACKENDS", "CodeBook", "CodeHead", "CodeTrie", "build_info", "code_beam_search", "exhaustive_code_topk",
            "fused_code_ce", "ops"]

@@ -158,3 +158,16 @@ def test_features_data_trains_the_head_alone_from_given_identity_vectors(tmp_pat
         np.save(vectors, centers.numpy())
         train(parse_run(["--data", f"features:{tmp_path / 'embeddings.npz'}", "--verify-ids", "2",
                          "--identity-vectors", str(vectors), "--out", str(tmp_path / "other")]))
+
+
+def test_recordio_data_end_to_end(tmp_path):
+    from gif_kernels.train.data import write_recordio
+    generator = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8) * 7 + 3, 5)  # label values need not be contiguous
+    images = [np.clip(generator.normal(30 * (label % 8), 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+              for label in labels]
+    write_recordio(str(tmp_path / "train.rec"), str(tmp_path / "train.idx"), images, labels.tolist())
+    metrics = train(parse_run(["--data", f"recordio:{tmp_path}", "--verify-ids", "2", "--holdout-per-id", "1",
+                               "--image-size", "16", "--embedding-dim", "16", "--vocab", "3", "--batch-size", "8",
+                               "--steps", "4", "--out", str(tmp_path / "run")]))
+    assert metrics["num_ids"] == 6 and metrics["ident_queries"] == 6 and metrics["genuine_pairs"] == 2 * 10
