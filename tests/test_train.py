@@ -171,3 +171,15 @@ def test_recordio_data_end_to_end(tmp_path):
                                "--image-size", "16", "--embedding-dim", "16", "--vocab", "3", "--batch-size", "8",
                                "--steps", "4", "--out", str(tmp_path / "run")]))
     assert metrics["num_ids"] == 6 and metrics["ident_queries"] == 6 and metrics["genuine_pairs"] == 2 * 10
+
+
+def test_verification_pairs_sampled_past_max_pairs(monkeypatch):
+    from gif_kernels.train import evaluate
+    labels = torch.arange(30).repeat_interleave(7)[torch.randperm(210, generator=torch.Generator().manual_seed(1))]
+    monkeypatch.setattr(evaluate, "MAX_PAIRS", 2000)  # of 21,945 pairs
+    first, second = verification_pairs(labels, seed=3)
+    assert (first < second).all() and len(first) <= 2000
+    genuine = labels[first] == labels[second]
+    assert genuine.sum() == 30 * 21  # every genuine pair (630 <= MAX_PAIRS / 2), then impostors
+    assert len(set(zip(first[genuine].tolist(), second[genuine].tolist()))) == 30 * 21
+    assert (~genuine).sum() > 1000
