@@ -183,12 +183,16 @@ def bad_trie_arrays():
     decreasing = offsets.clone()
     decreasing[1] = decreasing[2] + 1
     return {
-        "offsets not monotone": (decreasing, tokens, leaves, "child_offsets: expected non-decreasing"),
+        "offsets not monotone": (decreasing, tokens, leaves,
+                                 f"child_offsets: expected non-decreasing offsets, got {int(decreasing[1])} "
+                                 f"then {int(decreasing[2])} at node 1"),
         "last offset != len(tokens)": (torch.cat([offsets[:-1], offsets[-1:] - 1]), tokens, leaves,
                                        "child_offsets: last offset"),
         "tokens too short": (offsets, tokens[:-1], leaves, r"child_tokens: expected shape \(M - 1,\)"),
         "token past V": (offsets, torch.where(tokens == tokens.max(), 6, tokens), leaves,
-                         r"child_tokens: expected tokens in \[0, V\)"),
+                         r"child_tokens: expected tokens in \[0, V\) = \[0, 6\) of scores, found 6"),
+        "token below 0": (offsets, torch.where(tokens == tokens.min(), -3, tokens), leaves,
+                          r"child_tokens: expected tokens in \[0, V\) = \[0, 6\) of scores, found -3"),
         "offsets int32": (offsets.int(), tokens, leaves, "child_offsets: expected int64"),
         "tokens int64": (offsets, tokens.long(), leaves, "child_tokens: expected int32"),
         "leaf count": (offsets, tokens, leaves[:-1], "leaf_ids: expected one id per leaf"),
