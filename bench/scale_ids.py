@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import gif_kernels
 from gif_kernels import reference
+from gif_kernels.train.heads import partial_fc_classes
 
 SCALE = 64.0
 MARGIN = 0.4  # CosFace m3, as in fused_code_ce(m3=0.4)
@@ -237,19 +238,9 @@ def margin_cross_entropy(x, rows, labels):
 
 
 def partial_fc_loss(x, weight, labels, rate):
-    """Partial FC (insightface partial_fc_v2.sample): every positive class of the batch, then random
-    negatives up to int(rate * N) classes; the loss runs over the gathered rows only."""
-    num_ids = weight.shape[0]
-    num_sample = int(rate * num_ids)
-    with torch.no_grad():
-        positive = torch.unique(labels, sorted=True)
-        if num_sample >= positive.numel():
-            priority = torch.rand(num_ids, device=weight.device)
-            priority[positive] = 2.0  # above every random draw: positives are always kept
-            index = torch.topk(priority, k=num_sample)[1].sort()[0]
-        else:
-            index = positive
-        local_labels = torch.searchsorted(index, labels)
+    """Partial FC: every positive class of the batch, then random negatives up to int(rate * N)
+    classes (the trainer's sampling); the loss runs over the gathered rows only."""
+    index, local_labels = partial_fc_classes(labels, weight.shape[0], int(rate * weight.shape[0]))
     return margin_cross_entropy(x, weight[index], local_labels)
 
 

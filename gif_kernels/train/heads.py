@@ -15,6 +15,20 @@ from ..head import CodeHead, margin_args
 HEADS = ("gif", "full", "partial_fc")
 
 
+@torch.no_grad()
+def partial_fc_classes(labels: torch.Tensor, num_ids: int, num_sample: int, generator=None):
+    """Partial FC's sampling (insightface partial_fc_v2.sample): every class of the batch, then
+    random others up to num_sample classes. Returns (class ids ascending, labels remapped into them)."""
+    positives = labels.unique()
+    if positives.numel() >= num_sample:
+        index = positives
+    else:  # random priorities, the positives' forced above every draw
+        priority = torch.rand(num_ids, generator=generator, device=labels.device)
+        priority[positives] = 2.0
+        index = priority.topk(num_sample).indices.sort().values
+    return index, torch.searchsorted(index, labels)
+
+
 class FullSoftmaxHead(nn.Module):
     """Softmax over all N identities with the same margin as the code head (a code of length 1)."""
 
@@ -65,16 +79,9 @@ class PartialFCHead(FullSoftmaxHead):
 
     def sample(self, labels: torch.Tensor):
         """(sampled class ids ascending, labels remapped into them): the batch's classes are always in."""
-        positives = labels.unique()
-        if positives.numel() >= self.num_sample:
-            index = positives
-        else:  # insightface's sampling: random priorities, positives forced to the top
-            generator = torch.Generator(labels.device).manual_seed(self.seed * 1_000_003 + self.draws)
-            priority = torch.rand(self.weight.shape[0], generator=generator, device=labels.device)
-            priority[positives] = 2.0
-            index = priority.topk(self.num_sample).indices.sort().values
+        generator = torch.Generator(labels.device).manual_seed(self.seed * 1_000_003 + self.draws)
         self.draws += 1
-        return index, torch.searchsorted(index, labels)
+        return partial_fc_classes(labels, self.weight.shape[0], self.num_sample, generator)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor):
         self._check_labels(labels)
