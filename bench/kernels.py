@@ -3,7 +3,7 @@
 Every row of one run is timed side by side on the same device; the table reports ratios against
 eager and torch.compile. On a GPU it also reports TFLOP/s against torch.matmul on the same FLOPs,
 each fused backend's time with its launches captured in a CUDA graph (what the kernels cost without
-Python's launch overhead), and, when the package is installed, Cut Cross-Entropy's
+Python's launch overhead), Triton's deterministic backward as "triton-det", and, when the package is installed, Cut Cross-Entropy's
 linear_cross_entropy applied per position (scale * unit features against unit rows; it has no margin).
 
     python bench/kernels.py                 # the default shapes on the machine at hand
@@ -128,8 +128,11 @@ def bench_shape(B, L, V, D, dtype, device, backends, repeats, margin, profile=Fa
             row["errors"][f"{name} ({'graph' if table is not row['time_ms'] else 'eager'})"] = repr(error)
             print(f"{name}: failed: {error!r}"[:500], flush=True)
 
-    def fused_fn(backend):
-        return lambda *args, **kwargs: gif_kernels.fused_code_ce(*args, backend=backend, **kwargs)
+    def fused_fn(method):
+        """A fused backend by method name; a "-det" suffix asks for its deterministic backward."""
+        backend, _, deterministic = method.partition("-")
+        return lambda *args, **kwargs: gif_kernels.fused_code_ce(*args, backend=backend,
+                                                                 deterministic=bool(deterministic), **kwargs)
 
     methods = {"eager": reference.fused_code_ce,
                "compile": torch.compile(reference.fused_code_ce, dynamic=False),
@@ -172,7 +175,7 @@ def main():
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES[device]]
     if device == "cuda":
-        backends = ["triton"] + (["cuda"] if gif_kernels.ops.has_cuda_kernels() else [])
+        backends = ["triton", "triton-det"] + (["cuda"] if gif_kernels.ops.has_cuda_kernels() else [])
     else:
         backends = ["cpu"]
     results = []

@@ -21,6 +21,12 @@ const std::string kCodeBeamSearchArgs =
     "(Tensor scores, Tensor child_offsets, Tensor child_tokens, Tensor leaf_ids, int beam, int topk) "
     "-> (Tensor, Tensor, Tensor)";
 
+// The Triton family takes one more argument: `deterministic` picks its backward (partial sums added in a
+// fixed order instead of atomics); the forward is the same either way.
+std::string with_deterministic(const std::string& args) {
+  return args.substr(0, args.find(") ->")) + ", bool deterministic) ->" + args.substr(args.find(") ->") + 4);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gif, m) {
@@ -30,11 +36,11 @@ TORCH_LIBRARY(gif, m) {
       "fused_code_ce(Tensor x, Tensor weight, Tensor codes, Tensor? position_weight=None, "
       "float scale=64.0, float m2=0.0, float m3=0.0, bool normalize=True, int ignore_index=-100, "
       "str reduction=\"mean\") -> Tensor");
-  // One forward/backward pair per kernel family: C++ (CPU and CUDA keys) and Triton.
-  for (const std::string family : {"code_ce", "triton_code_ce"}) {
-    m.def((family + "_forward" + kCodeCeForwardArgs).c_str());
-    m.def((family + "_backward" + kCodeCeBackwardArgs).c_str());
-  }
+  // One forward/backward pair per kernel family: C++ (CPU and CUDA keys, always deterministic) and Triton.
+  m.def(("code_ce_forward" + kCodeCeForwardArgs).c_str());
+  m.def(("code_ce_backward" + kCodeCeBackwardArgs).c_str());
+  m.def(("triton_code_ce_forward" + with_deterministic(kCodeCeForwardArgs)).c_str());
+  m.def(("triton_code_ce_backward" + with_deterministic(kCodeCeBackwardArgs)).c_str());
   // One beam search per kernel family: C++ (CPU key so far) and Triton.
   for (const std::string family : {"code_beam_search", "triton_code_beam_search"}) {
     m.def((family + kCodeBeamSearchArgs).c_str());

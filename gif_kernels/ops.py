@@ -88,7 +88,7 @@ def _resolve_backend(backend: str, device: torch.device, num_tokens: int, determ
             raise ValueError(f"x: no kernels for device {device}; use backend='reference'")
         if not has_cuda_kernels():
             backend = "triton"
-        else:
+        else:  # the table measured the default (atomic) Triton backward; the CUDA C++ kernels are deterministic
             backend = "cuda" if deterministic else _auto_cuda_backend(num_tokens)
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend: {backend!r} needs {backend} tensors, got tensors on {device}")
@@ -96,10 +96,6 @@ def _resolve_backend(backend: str, device: torch.device, num_tokens: int, determ
         raise RuntimeError("backend: 'cuda' needs the CUDA kernels, but gif_kernels._C was built "
                            "without CUDA (see gif_kernels.build_info())")
     if backend == "triton":
-        if deterministic:
-            raise RuntimeError("backend: 'triton' accumulates grad_weight with atomics, so its gradients "
-                               "are not bitwise reproducible; deterministic=True (or "
-                               "torch.use_deterministic_algorithms(True)) needs backend 'cuda' or 'cpu'")
         _require_triton(device)
     return backend
 
@@ -112,8 +108,8 @@ def fused_code_ce(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3
     x: (B, D) shared or (B, L, D) per-position features; weight: (L, V, D); codes: (B, L) integer
     in [0, V) or ignore_index. Returns the loss reduced by `reduction` ("mean" = sum / B).
     backend: "auto" (fastest for the device and shape), "cpu", "cuda", "triton" or "reference".
-    deterministic: bitwise-reproducible gradients (rules out Triton); None follows
-    torch.are_deterministic_algorithms_enabled().
+    deterministic: bitwise-reproducible gradients. The C++ kernels always are; Triton then runs its
+    atomic-free backward. None follows torch.are_deterministic_algorithms_enabled().
     """
     _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normalize, reduction)
     if deterministic is None:
@@ -124,7 +120,7 @@ def fused_code_ce(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3
     if backend == "reference":
         rows = reference.code_ce_rows(*args)
     elif backend == "triton":
-        rows, _ = torch.ops.gif.triton_code_ce_forward(*args)
+        rows, _ = torch.ops.gif.triton_code_ce_forward(*args, bool(deterministic))
     else:
         rows, _ = torch.ops.gif.code_ce_forward(*args)
     return reference.reduce_loss(rows, reduction)
@@ -138,32 +134,32 @@ def _fused_code_ce_op(x, weight, codes, position_weight=None, scale=64.0, m2=0.0
 
 
 # Triton kernel family: registered for CUDA, and for CPU tensors under the Triton interpreter.
-def _triton_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index):
+def _triton_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index, deterministic):
     _require_triton(x.device)
     from .triton.code_ce import code_ce_forward  # imported on first use: triton is slow to import
     return code_ce_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index)
 
 
 def _triton_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3, normalize,
-                     ignore_index):
+                     ignore_index, deterministic):
     _require_triton(x.device)
     from .triton.code_ce import code_ce_backward
     return code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
-                            normalize, ignore_index)
+                            normalize, ignore_index, deterministic)
 
 
 torch.library.impl("gif::triton_code_ce_forward", ("CPU", "CUDA"), _triton_forward)
 torch.library.impl("gif::triton_code_ce_backward", ("CPU", "CUDA"), _triton_backward)
 
 
-# Fake kernels and autograd, the same for every kernel family.
-def _forward_fake(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index):
+# Fake kernels and autograd, the same for every kernel family (the Triton family's extra trailing
+# `deterministic` rides along in *options).
+def _forward_fake(x, weight, codes, position_weight, *options):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return codes.new_empty(codes.shape, dtype=dtype), codes.new_empty(codes.shape, dtype=dtype)
 
 
-def _backward_fake(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3, normalize,
-                   ignore_index):
+def _backward_fake(grad_loss, x, weight, codes, position_weight, lse, *options):
     return torch.empty_like(x), torch.empty_like(weight)
 
 
@@ -178,7 +174,7 @@ def _backward_of(backward_op):
         x, weight, codes, position_weight, lse = ctx.saved_tensors
         grad_x, grad_weight = backward_op(grad_loss, x, weight, codes, position_weight, lse,
                                           *ctx.scalars)
-        return (grad_x, grad_weight) + (None,) * 7
+        return (grad_x, grad_weight) + (None,) * (2 + len(ctx.scalars))
     return backward
 
 

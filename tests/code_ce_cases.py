@@ -49,13 +49,13 @@ def assert_close(actual, expected, dtype, what, floor=1.0):
     assert err <= TOLERANCE[dtype] * size, f"{what}: max error {err:.3g} vs max magnitude {size:.3g}"
 
 
-def check_against_reference(backend, inputs, reduction="none", **kwargs):
+def check_against_reference(backend, inputs, reduction="none", deterministic=None, **kwargs):
     """Loss, grad_x and grad_weight of `backend` against autograd of reference.py in float64."""
     x = inputs["x"].detach().requires_grad_()
     weight = inputs["weight"].detach().requires_grad_()
     pw = inputs["position_weight"]
     loss = gif_kernels.fused_code_ce(x, weight, inputs["codes"], pw, reduction=reduction,
-                                     backend=backend, **kwargs)
+                                     backend=backend, deterministic=deterministic, **kwargs)
     x64 = inputs["x"].detach().double().cpu().requires_grad_()
     w64 = inputs["weight"].detach().double().cpu().requires_grad_()
     expected = reference.fused_code_ce(x64, w64, inputs["codes"].cpu(), pw.double().cpu(),

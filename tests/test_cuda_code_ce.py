@@ -70,15 +70,16 @@ def test_auto_follows_the_table():
         assert pick("auto", device, 64, True) == "cuda"  # deterministic
 
 
-@pytest.mark.parametrize("B,L,V,D", [(512, 6, 16, 512), (300, 2, 1000, 64)])
-def test_deterministic_gradients_are_bitwise_equal(B, L, V, D):
-    needs("cuda")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("B,L,V,D", [(512, 6, 16, 512), (300, 2, 1000, 64), (2000, 2, 4096, 512)])
+def test_deterministic_gradients_are_bitwise_equal(B, L, V, D, backend):
+    needs(backend)
     inputs = make_inputs(B, L, V, D, True, torch.bfloat16, "cuda", seed=33)
     grads = []
     for _ in range(3):
         x = inputs["x"].detach().requires_grad_()
         w = inputs["weight"].detach().requires_grad_()
-        gif_kernels.fused_code_ce(x, w, inputs["codes"], m3=0.4, deterministic=True).backward()
+        gif_kernels.fused_code_ce(x, w, inputs["codes"], m3=0.4, backend=backend, deterministic=True).backward()
         grads.append((x.grad, w.grad))
     for grad_x, grad_w in grads[1:]:
         assert torch.equal(grad_x, grads[0][0]) and torch.equal(grad_w, grads[0][1])
@@ -128,16 +129,17 @@ def test_out_of_range_codes_give_nan_not_a_fault():
 
 def test_sanitizer_cases():
     """Small cases through every GPU kernel; bench/device_check.sh runs this under compute-sanitizer."""
-    for backend in gpu_backends()[1:]:
+    for backend, deterministic in [(b, False) for b in gpu_backends()[1:]] + [("triton", True)]:
         for B, L, V, D, shared in [(5, 3, 16, 40, True), (6, 2, 7, 300, False), (3, 2, 70, 24, True),
-                                   (4, 3, 70, 8, False)]:
+                                   (4, 3, 70, 8, False), (70, 2, 9, 130, True)]:
             inputs = make_inputs(B, L, V, D, shared, torch.bfloat16, "cuda", seed=B + V)
-            check_against_reference(backend, inputs, **MARGINS["both"])
+            check_against_reference(backend, inputs, deterministic=deterministic, **MARGINS["both"])
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "triton-det", "cuda"])
 def test_offsets_past_2_31(backend):
     """L * V * D > 2^31 elements (4 GB of bf16 weights): must not fault and must match in float32."""
+    backend, _, deterministic = backend.partition("-")
     needs(backend)
     B, L, V, D = 4, 2, (1 << 20) + 3, 1024
     gen = torch.Generator(device="cuda").manual_seed(32)
@@ -145,7 +147,8 @@ def test_offsets_past_2_31(backend):
     weight = torch.randn(L, V, D, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     codes = torch.randint(0, V, (B, L), device="cuda", generator=gen)
     codes[0, 1] = V - 1  # a target in the last row, past 2^31 elements
-    loss = gif_kernels.fused_code_ce(x, weight, codes, m3=0.4, reduction="none", backend=backend)
+    loss = gif_kernels.fused_code_ce(x, weight, codes, m3=0.4, reduction="none", backend=backend,
+                                     deterministic=bool(deterministic))
     loss.sum().backward()
     # Reference in float32, one position at a time to bound memory.
     for j in range(L):

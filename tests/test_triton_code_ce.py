@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from code_ce_cases import MARGINS, check_against_reference, make_inputs
+from gif_kernels.triton.code_ce import _deterministic_partials
 
 pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -12,19 +13,47 @@ SIZES = [(1, 1, 2, 1), (5, 3, 37, 130), (33, 3, 300, 8), (17, 2, 16, 24), (3, 1,
          (64, 6, 16, 130), (64, 1, 5000, 130), (5, 6, 2, 8), (1, 3, 300, 1), (64, 3, 37, 1)]
 
 
+BACKWARDS = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+
+
+@BACKWARDS
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
 @pytest.mark.parametrize("B,L,V,D", SIZES)
-def test_shapes(B, L, V, D, shared):
+def test_shapes(B, L, V, D, shared, deterministic):
     margin = list(MARGINS)[(B + L + V + D) % len(MARGINS)]
     inputs = make_inputs(B, L, V, D, shared, torch.float32, DEVICE, seed=B * L * V * D)
-    check_against_reference("triton", inputs, **MARGINS[margin])
+    check_against_reference("triton", inputs, deterministic=deterministic, **MARGINS[margin])
 
 
+@BACKWARDS
 @pytest.mark.parametrize("margin", list(MARGINS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_dtypes_and_margins(dtype, margin):
+def test_dtypes_and_margins(dtype, margin, deterministic):
     inputs = make_inputs(9, 3, 37, 40, False, dtype, DEVICE, seed=21)
-    check_against_reference("triton", inputs, **MARGINS[margin])
+    check_against_reference("triton", inputs, deterministic=deterministic, **MARGINS[margin])
+
+
+@BACKWARDS
+def test_deterministic_follows_the_global_flag(deterministic, monkeypatch):
+    """deterministic=None follows torch.use_deterministic_algorithms: the backward's kernels show it."""
+    from gif_kernels.triton import code_ce
+    called = []
+    monkeypatch.setattr(code_ce, "_deterministic_partials",
+                        lambda *a: called.append(True) or _deterministic_partials(*a))
+    inputs = make_inputs(6, 2, 9, 8, True, torch.float32, DEVICE, seed=27)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_against_reference("triton", inputs, **MARGINS["cosface"])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert called == ([True] if deterministic else [])
+
+
+@pytest.mark.parametrize("programs,items,expected", [(1, 10, (4, 3)), (3, 10, (2, 5)), (4, 10, (1, 10)),
+                                                     (1, 2, (2, 1)), (100, 1, (1, 1))])
+def test_chunks_fill_the_grid_without_empty_chunks(programs, items, expected):
+    from gif_kernels.triton.code_ce import _chunks
+    assert _chunks(programs, items, torch.device("cpu")) == expected
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -46,10 +75,11 @@ def test_noncontiguous_inputs():
     check_against_reference("triton", inputs, **MARGINS["arcface"])
 
 
-def test_opcheck():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_opcheck(deterministic):
     inputs = make_inputs(5, 3, 7, 6, True, torch.float32, DEVICE, seed=25)
     args = (inputs["x"].requires_grad_(), inputs["weight"].requires_grad_(), inputs["codes"],
-            inputs["position_weight"].float(), 16.0, 0.3, 0.2, True, -100)
+            inputs["position_weight"].float(), 16.0, 0.3, 0.2, True, -100, deterministic)
     torch.library.opcheck(torch.ops.gif.triton_code_ce_forward, args)
     loss, lse = torch.ops.gif.triton_code_ce_forward(*args)
     torch.library.opcheck(torch.ops.gif.triton_code_ce_backward,
@@ -64,4 +94,4 @@ def test_out_of_range_codes_raise_on_cpu():
     codes[2, 1] = 5
     with pytest.raises(ValueError, match="codes"):
         torch.ops.gif.triton_code_ce_forward(inputs["x"], inputs["weight"], codes, None, 64.0, 0.0,
-                                             0.0, True, -100)
+                                             0.0, True, -100, False)

@@ -2,7 +2,9 @@
 
 loss[b, j] = lambda_j * (logsumexp_v logit[b, j, v] - logit[b, j, codes[b, j]]). The (B, L, V) logits are
 never stored: the forward keeps an online logsumexp over V tiles; the backward recomputes each tile from
-the saved lse (as Cut Cross-Entropy does) and accumulates the gradients with atomics.
+the saved lse (as Cut Cross-Entropy does): by default in one kernel that adds the gradients with atomics;
+deterministic, in two kernels, one summing over codes for grad_x and one over samples for grad_weight, whose
+partial sums are added in a fixed order, so that gradients are bitwise reproducible.
 """
 import math
 
@@ -137,26 +139,14 @@ def _code_ce_fwd_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, loss_ptr, lse_p
 
 
 @triton.jit
-def _code_ce_bwd_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr,
-                        grad_f_ptr, grad_w_ptr, row_dot_ptr, col_dot_ptr,
-                        B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
-                        f_rows_per_b, f_row_step,
-                        scale: tl.float64, cos_m: tl.float64, sin_m: tl.float64, m3: tl.float64,
-                        fallback_shift: tl.float64, ignore_index,
-                        DOT_DTYPE: tl.constexpr, SPLIT_GRAD_COS: tl.constexpr, NORMALIZE: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per (BLOCK_B samples, BLOCK_V codes, position j).
-
-    Recomputes the cosine tile, forms grad_cos = dloss/dcos, and atomically adds into
-    grad_f[f_row] += (grad_cos / ||w||) @ W and grad_w[j, v] += (grad_cos / ||f||)^T @ F, plus (NORMALIZE)
-    row_dot[f_row] += sum_v grad_cos * cos and col_dot[j, v] += sum_b grad_cos * cos for the projection terms.
-    f_row = b * f_rows_per_b + j * f_row_step: one row per (b, j) for 3-D x, per b for shared 2-D x.
-    """
+def _grad_cos_tile(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
+                   B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
+                   scale, cos_m, sin_m, m3, fallback_shift, ignore_index,
+                   DOT_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dloss/dcos of the (BLOCK_B samples, BLOCK_V codes) tile of position j, recomputed from the saved lse
+    (Cut Cross-Entropy's way); with the cosines and the norms ||f||, ||w|| of the tile."""
     acc_dtype = lse_ptr.dtype.element_ty
-    in_dtype = x_ptr.dtype.element_ty
-    j = tl.program_id(2).to(tl.int64)
-    offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    offs_v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     b_mask = offs_b < B
     v_mask = offs_v < V
     rows = offs_b * L + j  # codes, grad_loss and lse are contiguous (B, L)
@@ -164,45 +154,73 @@ def _code_ce_bwd_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, 
     active = b_mask & (target != ignore_index) & (target >= 0) & (target < V)
     grad_row = tl.load(grad_loss_ptr + rows, mask=b_mask, other=0.0) * tl.load(pos_weight_ptr + j)
     lse = tl.load(lse_ptr + rows, mask=b_mask, other=0.0)
-    f_row_ptrs = x_ptr + offs_b * stride_xb + j * stride_xl
-    w_row_ptrs = w_ptr + j * stride_wl + offs_v * stride_wv
-    cos, nx, nw = _cosine_tile(f_row_ptrs, w_row_ptrs, b_mask, v_mask, D, stride_xd, stride_wd,
-                               acc_dtype, DOT_DTYPE, NORMALIZE, BLOCK_B, BLOCK_V, BLOCK_D)
+    cos, nx, nw = _cosine_tile(x_ptr + offs_b * stride_xb + j * stride_xl, w_ptr + j * stride_wl + offs_v * stride_wv,
+                               b_mask, v_mask, D, stride_xd, stride_wd, acc_dtype, DOT_DTYPE, NORMALIZE,
+                               BLOCK_B, BLOCK_V, BLOCK_D)
     is_target = offs_v[None, :] == target[:, None]
     logits, slope = _logit_tile(cos, is_target, v_mask, scale, cos_m, sin_m, m3, fallback_shift)
     probs = tl.exp(logits - lse[:, None])
     # where, not a product: inactive rows (ignored, bad code, past B) must give exact zeros, even from NaN/inf.
     grad_cos = tl.where(active[:, None], grad_row[:, None] * (probs - is_target.to(acc_dtype)) * slope, 0.0)
-    f_rows = offs_b * f_rows_per_b + j * f_row_step
+    return grad_cos, cos, nx, nw
+
+
+@triton.jit
+def _accumulate_dot(acc, a, b, in_dtype: tl.constexpr, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + a @ b, with the accumulation-dtype a sent in the input dtype (tensor cores for bf16/fp16). grad_cos
+    holds terms of size `scale` that cancel down to O(1), so one 16-bit rounding of it costs ~1% of the
+    gradient: SPLIT sends it as hi + lo, two 16-bit values (a second dot), and the error drops to ~1e-4."""
+    a_hi = a.to(in_dtype)
+    if SPLIT:
+        a_lo = (a - a_hi.to(a.dtype)).to(in_dtype).to(DOT_DTYPE)
+        acc = tl.dot(a_lo, b, acc, input_precision="ieee")
+    return tl.dot(a_hi.to(DOT_DTYPE), b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _code_ce_bwd_atomic_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr,
+                               grad_f_ptr, grad_w_ptr, row_dot_ptr, col_dot_ptr,
+                               B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
+                               rows_per_sample,
+                               scale: tl.float64, cos_m: tl.float64, sin_m: tl.float64, m3: tl.float64,
+                               fallback_shift: tl.float64, ignore_index,
+                               DOT_DTYPE: tl.constexpr, SPLIT_GRAD_COS: tl.constexpr, NORMALIZE: tl.constexpr,
+                               BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The default backward, one program per (BLOCK_B samples, BLOCK_V codes, position j): each cosine tile is
+    recomputed once, and its gradients are added with atomics (so the order of the sums varies run to run):
+    grad_f[f_row] += (grad_cos / ||w||) @ W, grad_w[j, v] += (grad_cos / ||f||)^T @ F, and (NORMALIZE)
+    row_dot[f_row] += sum_v grad_cos * cos, col_dot[j, v] += sum_b grad_cos * cos.
+    f_row = b * L + j for 3-D x (rows_per_sample = L), b for shared 2-D x (rows_per_sample = 1)."""
+    acc_dtype = lse_ptr.dtype.element_ty
+    in_dtype = x_ptr.dtype.element_ty
+    j = tl.program_id(2).to(tl.int64)
+    offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    offs_v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    b_mask = offs_b < B
+    v_mask = offs_v < V
+    grad_cos, cos, nx, nw = _grad_cos_tile(
+        x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
+        B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
+        scale, cos_m, sin_m, m3, fallback_shift, ignore_index, DOT_DTYPE, NORMALIZE, BLOCK_B, BLOCK_V, BLOCK_D)
+    f_rows = offs_b * rows_per_sample + j * (rows_per_sample // L)  # 3-D x: + j; shared x (1 row): + 0
     w_rows = j * V + offs_v
     if NORMALIZE:
         grad_cos_times_cos = grad_cos * cos
         tl.atomic_add(row_dot_ptr + f_rows, tl.sum(grad_cos_times_cos, axis=1), mask=b_mask)
         tl.atomic_add(col_dot_ptr + w_rows, tl.sum(grad_cos_times_cos, axis=0), mask=v_mask)
-    # Operands of the gradient dots in the input dtype (tensor cores for bf16/fp16). grad_cos holds terms of
-    # size `scale` that cancel down to O(1), so one 16-bit rounding of it costs ~1% of the gradient:
-    # SPLIT_GRAD_COS sends it as hi + lo, two 16-bit values (a second dot), and the error drops to ~1e-4.
     grad_cos_for_f = grad_cos * (1.0 / nw)[None, :]
     grad_cos_for_w = tl.trans(grad_cos * (1.0 / nx)[:, None])
-    grad_cos_for_f_hi = grad_cos_for_f.to(in_dtype)
-    grad_cos_for_w_hi = grad_cos_for_w.to(in_dtype)
-    if SPLIT_GRAD_COS:
-        grad_cos_for_f_lo = (grad_cos_for_f - grad_cos_for_f_hi.to(acc_dtype)).to(in_dtype).to(DOT_DTYPE)
-        grad_cos_for_w_lo = (grad_cos_for_w - grad_cos_for_w_hi.to(acc_dtype)).to(in_dtype).to(DOT_DTYPE)
-    grad_cos_for_f_hi = grad_cos_for_f_hi.to(DOT_DTYPE)
-    grad_cos_for_w_hi = grad_cos_for_w_hi.to(DOT_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         d_mask = offs_d < D
-        f = tl.load(f_row_ptrs[:, None] + offs_d[None, :] * stride_xd,
+        f = tl.load(x_ptr + offs_b[:, None] * stride_xb + j * stride_xl + offs_d[None, :] * stride_xd,
                     mask=b_mask[:, None] & d_mask[None, :], other=0.0).to(DOT_DTYPE)
-        w = tl.load(w_row_ptrs[:, None] + offs_d[None, :] * stride_wd,
+        w = tl.load(w_ptr + j * stride_wl + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
                     mask=v_mask[:, None] & d_mask[None, :], other=0.0).to(DOT_DTYPE)
-        grad_f_part = tl.dot(grad_cos_for_f_hi, w, input_precision="ieee")
-        grad_w_part = tl.dot(grad_cos_for_w_hi, f, input_precision="ieee")
-        if SPLIT_GRAD_COS:
-            grad_f_part += tl.dot(grad_cos_for_f_lo, w, input_precision="ieee")
-            grad_w_part += tl.dot(grad_cos_for_w_lo, f, input_precision="ieee")
+        grad_f_part = _accumulate_dot(tl.zeros((BLOCK_B, BLOCK_D), dtype=acc_dtype), grad_cos_for_f, w,
+                                      in_dtype, DOT_DTYPE, SPLIT_GRAD_COS)
+        grad_w_part = _accumulate_dot(tl.zeros((BLOCK_V, BLOCK_D), dtype=acc_dtype), grad_cos_for_w, f,
+                                      in_dtype, DOT_DTYPE, SPLIT_GRAD_COS)
         tl.atomic_add(grad_f_ptr + f_rows[:, None] * D + offs_d[None, :], grad_f_part,
                       mask=b_mask[:, None] & d_mask[None, :])
         tl.atomic_add(grad_w_ptr + w_rows[:, None] * D + offs_d[None, :], grad_w_part,
@@ -210,39 +228,154 @@ def _code_ce_bwd_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, 
 
 
 @triton.jit
-def _project_rows_kernel(acc_ptr, dot_ptr, vec_ptr, out_ptr, R, D, rows_per_outer, stride_outer, stride_inner,
-                         stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Chain rule through v / max(||v||, eps): out_r = (acc_r - v_r * dot_r / ||v_r||) / ||v_r||.
+def _output_tile(D, BLOCK_ROWS: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """(row offsets, column offsets, column tile) of a deterministic backward program: program_id(0) is
+    row tile * column tiles + column tile."""
+    num_d_tiles = tl.cdiv(D, BLOCK_DO)
+    pid_d = tl.program_id(0) % num_d_tiles
+    offs_rows = (tl.program_id(0) // num_d_tiles).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    offs_do = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
+    return offs_rows, offs_do, pid_d
 
-    acc (R, D) and dot (R,) are contiguous; row r of vec sits at (r // rows_per_outer) * stride_outer
-    + (r % rows_per_outer) * stride_inner. Below eps the norm is a constant, so the projection drops out.
+
+@triton.jit
+def _chunk_range(items_per_chunk, num_items):
+    """(chunk, first item, end): the items that chunk program_id(2) sums, of num_items in all."""
+    chunk = tl.program_id(2).to(tl.int64)
+    start = chunk * items_per_chunk
+    return chunk, start, tl.minimum(start + items_per_chunk, num_items)
+
+
+@triton.jit
+def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr,
+                                 grad_f_ptr, row_dot_ptr,
+                                 B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
+                                 positions_per_row, items_per_chunk,
+                                 scale: tl.float64, cos_m: tl.float64, sin_m: tl.float64, m3: tl.float64,
+                                 fallback_shift: tl.float64, ignore_index,
+                                 DOT_DTYPE: tl.constexpr, SPLIT_GRAD_COS: tl.constexpr, NORMALIZE: tl.constexpr,
+                                 BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_DO: tl.constexpr):
+    """Partial gradient of the feature rows: one program per (BLOCK_B samples x BLOCK_DO of D, first position,
+    chunk). A feature row serves `positions_per_row` positions from the first one on (L for shared 2-D x, 1 for
+    3-D x); the program sums grad_f[row] += (grad_cos / ||w||) @ W over its chunk of the (position, V tile)
+    items, and (NORMALIZE) row_dot[row] += sum_v grad_cos * cos. Chunk c writes slot c of the partials, which
+    the finishing kernel adds in order: no atomics, so the result is bitwise reproducible."""
+    acc_dtype = lse_ptr.dtype.element_ty
+    in_dtype = x_ptr.dtype.element_ty
+    num_v_tiles = tl.cdiv(V, BLOCK_V)
+    offs_b, offs_do, pid_d = _output_tile(D, BLOCK_B, BLOCK_DO)
+    b_mask = offs_b < B
+    do_mask = offs_do < D
+    first_position = tl.program_id(1).to(tl.int64)
+    chunk, item_start, item_end = _chunk_range(items_per_chunk, positions_per_row * num_v_tiles)
+    acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=acc_dtype)
+    row_dot = tl.zeros((BLOCK_B,), dtype=acc_dtype)
+    for item in range(item_start, item_end):
+        j = first_position + item // num_v_tiles
+        offs_v = (item % num_v_tiles) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        grad_cos, cos, nx, nw = _grad_cos_tile(
+            x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
+            B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
+            scale, cos_m, sin_m, m3, fallback_shift, ignore_index, DOT_DTYPE, NORMALIZE, BLOCK_B, BLOCK_V, BLOCK_D)
+        if NORMALIZE:
+            row_dot += tl.sum(grad_cos * cos, axis=1)
+        w = tl.load(w_ptr + j * stride_wl + offs_v[:, None] * stride_wv + offs_do[None, :] * stride_wd,
+                    mask=(offs_v < V)[:, None] & do_mask[None, :], other=0.0).to(DOT_DTYPE)
+        acc = _accumulate_dot(acc, grad_cos * (1.0 / nw)[None, :], w, in_dtype, DOT_DTYPE, SPLIT_GRAD_COS)
+    num_rows = B * (L // positions_per_row)
+    f_rows = offs_b * (L // positions_per_row) + first_position
+    tl.store(grad_f_ptr + (chunk * num_rows + f_rows)[:, None] * D + offs_do[None, :], acc,
+             mask=b_mask[:, None] & do_mask[None, :])
+    if pid_d == 0:  # every column tile computes the same dots; one stores them
+        tl.store(row_dot_ptr + chunk * num_rows + f_rows, row_dot, mask=b_mask)
+
+
+@triton.jit
+def _code_ce_bwd_weight_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr,
+                               grad_w_ptr, col_dot_ptr,
+                               B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
+                               tiles_per_chunk,
+                               scale: tl.float64, cos_m: tl.float64, sin_m: tl.float64, m3: tl.float64,
+                               fallback_shift: tl.float64, ignore_index,
+                               DOT_DTYPE: tl.constexpr, SPLIT_GRAD_COS: tl.constexpr, NORMALIZE: tl.constexpr,
+                               BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_DO: tl.constexpr):
+    """Partial gradient of the weight rows: one program per (BLOCK_V codes x BLOCK_DO of D, position j, chunk).
+    It sums grad_w[j, v] += (grad_cos / ||f||)^T @ F and (NORMALIZE) col_dot[j, v] += sum_b grad_cos * cos
+    over its chunk of sample tiles, into slot `chunk` of the partials (added in order by the finishing kernel)."""
+    acc_dtype = lse_ptr.dtype.element_ty
+    in_dtype = x_ptr.dtype.element_ty
+    offs_v, offs_do, pid_d = _output_tile(D, BLOCK_V, BLOCK_DO)
+    v_mask = offs_v < V
+    do_mask = offs_do < D
+    j = tl.program_id(1).to(tl.int64)
+    chunk, tile_start, tile_end = _chunk_range(tiles_per_chunk, tl.cdiv(B, BLOCK_B))
+    acc = tl.zeros((BLOCK_V, BLOCK_DO), dtype=acc_dtype)
+    col_dot = tl.zeros((BLOCK_V,), dtype=acc_dtype)
+    for tile in range(tile_start, tile_end):
+        offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        grad_cos, cos, nx, nw = _grad_cos_tile(
+            x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
+            B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
+            scale, cos_m, sin_m, m3, fallback_shift, ignore_index, DOT_DTYPE, NORMALIZE, BLOCK_B, BLOCK_V, BLOCK_D)
+        if NORMALIZE:
+            col_dot += tl.sum(grad_cos * cos, axis=0)
+        f = tl.load(x_ptr + offs_b[:, None] * stride_xb + j * stride_xl + offs_do[None, :] * stride_xd,
+                    mask=(offs_b < B)[:, None] & do_mask[None, :], other=0.0).to(DOT_DTYPE)
+        acc = _accumulate_dot(acc, tl.trans(grad_cos * (1.0 / nx)[:, None]), f, in_dtype, DOT_DTYPE,
+                              SPLIT_GRAD_COS)
+    num_rows = L * V
+    w_rows = j * V + offs_v
+    tl.store(grad_w_ptr + (chunk * num_rows + w_rows)[:, None] * D + offs_do[None, :], acc,
+             mask=v_mask[:, None] & do_mask[None, :])
+    if pid_d == 0:
+        tl.store(col_dot_ptr + chunk * num_rows + w_rows, col_dot, mask=v_mask)
+
+
+@triton.jit
+def _finish_rows_kernel(parts_ptr, dot_parts_ptr, vec_ptr, out_ptr, R, D, num_parts, rows_per_outer, stride_outer,
+                        stride_inner, stride_d, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """out_r = the sum of the partial gradients (num_parts, R, D), in order; with NORMALIZE, chained through
+    v / max(||v||, eps): out_r = (acc_r - v_r * dot_r / ||v_r||) / ||v_r||.
+
+    Row r of vec sits at (r // rows_per_outer) * stride_outer + (r % rows_per_outer) * stride_inner. Below eps
+    the norm is a constant, so the projection drops out.
     """
-    acc_dtype = acc_ptr.dtype.element_ty
+    acc_dtype = parts_ptr.dtype.element_ty
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     r_mask = offs_r < R
     vec_row_ptrs = vec_ptr + (offs_r // rows_per_outer) * stride_outer + (offs_r % rows_per_outer) * stride_inner
-    sq = tl.zeros((BLOCK_R,), dtype=acc_dtype)
+    if NORMALIZE:
+        sq = tl.zeros((BLOCK_R,), dtype=acc_dtype)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            mask = r_mask[:, None] & (offs_d < D)[None, :]
+            vec = tl.load(vec_row_ptrs[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(acc_dtype)
+            sq += tl.sum(vec * vec, axis=1)
+        norm = _sqrt_rn(sq)
+        inv_norm = 1.0 / tl.maximum(norm, _NORM_EPS)
+        dot = tl.zeros((BLOCK_R,), dtype=acc_dtype)
+        for part in range(num_parts):
+            dot += tl.load(dot_parts_ptr + part * R + offs_r, mask=r_mask, other=0.0)
+        coef = tl.where(norm >= _NORM_EPS, dot * inv_norm, 0.0)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = r_mask[:, None] & (offs_d < D)[None, :]
-        vec = tl.load(vec_row_ptrs[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(acc_dtype)
-        sq += tl.sum(vec * vec, axis=1)
-    norm = _sqrt_rn(sq)
-    inv_norm = 1.0 / tl.maximum(norm, _NORM_EPS)
-    dot = tl.load(dot_ptr + offs_r, mask=r_mask, other=0.0)
-    coef = tl.where(norm >= _NORM_EPS, dot * inv_norm, 0.0)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        mask = r_mask[:, None] & (offs_d < D)[None, :]
-        vec = tl.load(vec_row_ptrs[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(acc_dtype)
-        acc = tl.load(acc_ptr + offs_r[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-        out = (acc - vec * coef[:, None]) * inv_norm[:, None]
-        tl.store(out_ptr + offs_r[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc_dtype)
+        for part in range(num_parts):
+            acc += tl.load(parts_ptr + (part * R + offs_r)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+        if NORMALIZE:
+            vec = tl.load(vec_row_ptrs[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(acc_dtype)
+            acc = (acc - vec * coef[:, None]) * inv_norm[:, None]
+        tl.store(out_ptr + offs_r[:, None] * D + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _tile_sizes(B, V, D, dtype):
-    """(BLOCK_B, BLOCK_V, BLOCK_D, num_warps): powers of two >= 16 (tl.dot's minimum), capped so that the sm_90
-    kernels do not spill registers (ptxas -v); fp32/fp64 dots run on FMA units and need smaller tiles."""
+    """(BLOCK_B, BLOCK_V, BLOCK_D, num_warps) of the forward and the atomic backward: powers of two >= 16
+    (tl.dot's minimum), capped so that the sm_90 kernels do not spill registers (ptxas -v); fp32/fp64 dots run
+    on FMA units and need smaller tiles."""
     if dtype in (torch.float16, torch.bfloat16):
         cap_b, cap_v, cap_d = 64, 128, 32
     else:
@@ -251,6 +384,16 @@ def _tile_sizes(B, V, D, dtype):
     block_v = min(max(triton.next_power_of_2(V), 16), cap_v)
     block_d = min(max(triton.next_power_of_2(D), 16), cap_d)
     return block_b, block_v, block_d, 8 if block_b * block_v >= 2048 else 4
+
+
+def _deterministic_tile_sizes(B, V, D, dtype):
+    """(BLOCK_B, BLOCK_V, BLOCK_D, BLOCK_DO, num_warps) of the deterministic backward. Its programs also hold a
+    float32 (BLOCK_B or BLOCK_V, BLOCK_DO) accumulator across their loop, so for no register spills on sm_90
+    (ptxas -v of Triton 3.6's code) the tiles stop at 64 x 64 and BLOCK_DO at 64 columns of D."""
+    block_b, block_v, block_d, _ = _tile_sizes(B, V, D, dtype)
+    block_b, block_v = min(block_b, 64), min(block_v, 64)
+    block_do = min(max(triton.next_power_of_2(D), 16), 64)
+    return block_b, block_v, block_d, block_do, 8 if block_b * block_v >= 2048 else 4
 
 
 def _dot_dtype(dtype):
@@ -308,40 +451,83 @@ def code_ce_forward(x, weight, codes, position_weight, scale: float, m2: float, 
     return loss, lse
 
 
-def _finish_grad(acc, dots, vec, rows_per_outer, stride_outer, stride_inner, normalize, shape, dtype):
-    """Apply the normalization's projection (if any) to a (R, D) accumulator and cast it to (shape, dtype)."""
-    if not normalize:
-        return acc.view(shape).to(dtype)
-    out = torch.empty(shape, dtype=dtype, device=acc.device)
-    R, D = acc.shape
+def _chunks(programs, items, device):
+    """(number of chunks, items per chunk): a reduction over `items` tiles is split into chunks, each a
+    partial sum, until the grid's programs fill the GPU (two per SM). On CPU tensors (the Triton interpreter)
+    a small fixed target, so that the tests exercise chunking."""
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    per_chunk = triton.cdiv(items, min(items, max(1, triton.cdiv(target, programs))))
+    return triton.cdiv(items, per_chunk), per_chunk
+
+
+def _finish_grad(parts, dot_parts, vec, rows_per_outer, stride_outer, stride_inner, normalize, shape, dtype):
+    """Sum the (chunks, R, D) partial gradients, apply the normalization's projection (if any) and cast to
+    (shape, dtype)."""
+    out = torch.empty(shape, dtype=dtype, device=parts.device)
+    num_parts, R, D = parts.shape
     block_r, block_d = 32, min(max(triton.next_power_of_2(D), 16), 128)
-    _project_rows_kernel[(triton.cdiv(R, block_r),)](
-        acc, dots, vec, out, R, D, rows_per_outer, stride_outer, stride_inner, vec.stride(-1),
-        BLOCK_R=block_r, BLOCK_D=block_d)
+    _finish_rows_kernel[(triton.cdiv(R, block_r),)](
+        parts, dot_parts, vec, out, R, D, num_parts, rows_per_outer, stride_outer, stride_inner, vec.stride(-1),
+        NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=block_d)
     return out
 
 
-def code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3, normalize, ignore_index):
-    """Returns (grad_x, grad_weight) in x's and weight's shape and dtype."""
+def code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3, normalize, ignore_index,
+                     deterministic):
+    """Returns (grad_x, grad_weight) in x's and weight's shape and dtype. deterministic: bitwise-reproducible
+    sums (two kernels, each recomputing the cosine tiles) instead of atomics (one kernel)."""
     L, V, D = weight.shape
     B = x.shape[0]
     acc_dtype = lse.dtype
     feats = _features_by_position(x, L)
-    f_rows_per_b = L if x.dim() == 3 else 1
-    grad_f = torch.zeros((B * f_rows_per_b, D), dtype=acc_dtype, device=x.device)
-    grad_w = torch.zeros((L * V, D), dtype=acc_dtype, device=x.device)
-    row_dot = torch.zeros(B * f_rows_per_b, dtype=acc_dtype, device=x.device)
-    col_dot = torch.zeros(L * V, dtype=acc_dtype, device=x.device)
-    block_b, block_v, block_d, num_warps = _tile_sizes(B, V, D, x.dtype)
-    _code_ce_bwd_kernel[(triton.cdiv(B, block_b), triton.cdiv(V, block_v), L)](
-        feats, weight, codes.contiguous(), _position_weights(position_weight, L, acc_dtype, x.device),
-        grad_loss.to(acc_dtype).contiguous(), lse.contiguous(), grad_f, grad_w, row_dot, col_dot,
-        B, L, V, D, *feats.stride(), *weight.stride(), f_rows_per_b, 1 if x.dim() == 3 else 0,
-        *_margin_args(scale, m2, m3), ignore_index,
-        DOT_DTYPE=_dot_dtype(x.dtype), SPLIT_GRAD_COS=x.dtype in (torch.float16, torch.bfloat16),
-        NORMALIZE=normalize, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps)
-    grad_x = _finish_grad(grad_f, row_dot, x, f_rows_per_b, x.stride(0), x.stride(1) if x.dim() == 3 else 0,
+    rows_per_sample = L if x.dim() == 3 else 1  # feature rows per sample: one per position, or one shared
+    args = (feats, weight, codes.contiguous(), _position_weights(position_weight, L, acc_dtype, x.device),
+            grad_loss.to(acc_dtype).contiguous(), lse.contiguous())
+    shapes = (B, L, V, D, *feats.stride(), *weight.stride())
+    margins = (*_margin_args(scale, m2, m3), ignore_index)
+    meta = dict(DOT_DTYPE=_dot_dtype(x.dtype), SPLIT_GRAD_COS=x.dtype in (torch.float16, torch.bfloat16),
+                NORMALIZE=normalize)
+    if deterministic:
+        grad_f, row_dot, grad_w, col_dot = _deterministic_partials(args, shapes, margins, meta, rows_per_sample)
+    else:
+        grad_f = torch.zeros((1, B * rows_per_sample, D), dtype=acc_dtype, device=x.device)
+        grad_w = torch.zeros((1, L * V, D), dtype=acc_dtype, device=x.device)
+        row_dot = torch.zeros((1, B * rows_per_sample), dtype=acc_dtype, device=x.device)
+        col_dot = torch.zeros((1, L * V), dtype=acc_dtype, device=x.device)
+        block_b, block_v, block_d, num_warps = _tile_sizes(B, V, D, x.dtype)
+        _code_ce_bwd_atomic_kernel[(triton.cdiv(B, block_b), triton.cdiv(V, block_v), L)](
+            *args, grad_f, grad_w, row_dot, col_dot, *shapes, rows_per_sample, *margins, **meta,
+            BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps)
+    grad_x = _finish_grad(grad_f, row_dot, x, rows_per_sample, x.stride(0), x.stride(1) if x.dim() == 3 else 0,
                           normalize, x.shape, x.dtype)
     grad_weight = _finish_grad(grad_w, col_dot, weight, V, weight.stride(0), weight.stride(1),
                                normalize, weight.shape, weight.dtype)
     return grad_x, grad_weight
+
+
+def _deterministic_partials(args, shapes, margins, meta, rows_per_sample):
+    """(grad_f, row_dot, grad_w, col_dot) partial sums, (chunks, rows, D) and (chunks, rows), of the two
+    atomic-free backward kernels: one summing over codes per feature row, one over samples per weight row."""
+    x, weight = args[0], args[1]
+    B, L, V, D = shapes[:4]
+    acc_dtype = args[5].dtype
+    block_b, block_v, block_d, block_do, num_warps = _deterministic_tile_sizes(B, V, D, x.dtype)
+    meta = dict(meta, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, BLOCK_DO=block_do, num_warps=num_warps)
+    num_d_tiles = triton.cdiv(D, block_do)
+
+    feature_tiles = triton.cdiv(B, block_b) * num_d_tiles
+    positions_per_row = L // rows_per_sample
+    chunks, items_per_chunk = _chunks(feature_tiles * rows_per_sample, positions_per_row * triton.cdiv(V, block_v),
+                                      x.device)
+    grad_f = torch.empty((chunks, B * rows_per_sample, D), dtype=acc_dtype, device=x.device)
+    row_dot = torch.empty((chunks, B * rows_per_sample), dtype=acc_dtype, device=x.device)
+    _code_ce_bwd_features_kernel[(feature_tiles, rows_per_sample, chunks)](
+        *args, grad_f, row_dot, *shapes, positions_per_row, items_per_chunk, *margins, **meta)
+
+    weight_tiles = triton.cdiv(V, block_v) * num_d_tiles
+    chunks, tiles_per_chunk = _chunks(weight_tiles * L, triton.cdiv(B, block_b), x.device)
+    grad_w = torch.empty((chunks, L * V, D), dtype=acc_dtype, device=x.device)
+    col_dot = torch.empty((chunks, L * V), dtype=acc_dtype, device=x.device)
+    _code_ce_bwd_weight_kernel[(weight_tiles, L, chunks)](
+        *args, grad_w, col_dot, *shapes, tiles_per_chunk, *margins, **meta)
+    return grad_f, row_dot, grad_w, col_dot
