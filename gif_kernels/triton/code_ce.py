@@ -387,13 +387,20 @@ def _tile_sizes(B, V, D, dtype):
 
 
 def _deterministic_tile_sizes(B, V, D, dtype):
-    """(BLOCK_B, BLOCK_V, BLOCK_D, BLOCK_DO, num_warps) of the deterministic backward. Its programs also hold a
-    float32 (BLOCK_B or BLOCK_V, BLOCK_DO) accumulator across their loop, so for no register spills on sm_90
-    (ptxas -v of Triton 3.6's code) the tiles stop at 64 x 64 and BLOCK_DO at 64 columns of D."""
-    block_b, block_v, block_d, _ = _tile_sizes(B, V, D, dtype)
-    block_b, block_v = min(block_b, 64), min(block_v, 64)
-    block_do = min(max(triton.next_power_of_2(D), 16), 64)
-    return block_b, block_v, block_d, block_do, 8 if block_b * block_v >= 2048 else 4
+    """Meta-parameters of the deterministic backward's (grad_x, grad_weight) kernels. Each program keeps a float32
+    (64, BLOCK_DO) accumulator (rows: samples for grad_x, codes for grad_weight) across its loop over the other
+    dimension in steps of 32, and recomputes its cosine tiles over all of D, so a wider BLOCK_DO is fewer
+    recomputations. ptxas -v of Triton 3.6's sm_90 code: no spills up to 128 columns for 16-bit inputs, 64 for
+    float32 (bench/RESULTS.md)."""
+    def tile(n, cap):
+        return min(max(triton.next_power_of_2(n), 16), cap)
+    _, _, block_d, _ = _tile_sizes(B, V, D, dtype)
+    block_do = tile(D, 128 if dtype in (torch.float16, torch.bfloat16) else 64)
+    features_rows, weight_rows = tile(B, 64), tile(V, 64)
+    return (dict(BLOCK_B=features_rows, BLOCK_V=tile(V, 32), BLOCK_D=block_d, BLOCK_DO=block_do,
+                 num_warps=8 if features_rows * block_do >= 4096 else 4),
+            dict(BLOCK_B=tile(B, 32), BLOCK_V=weight_rows, BLOCK_D=block_d, BLOCK_DO=block_do,
+                 num_warps=8 if weight_rows * block_do >= 4096 else 4))
 
 
 def _dot_dtype(dtype):
@@ -508,26 +515,24 @@ def code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m
 def _deterministic_partials(args, shapes, margins, meta, rows_per_sample):
     """(grad_f, row_dot, grad_w, col_dot) partial sums, (chunks, rows, D) and (chunks, rows), of the two
     atomic-free backward kernels: one summing over codes per feature row, one over samples per weight row."""
-    x, weight = args[0], args[1]
+    x = args[0]
     B, L, V, D = shapes[:4]
     acc_dtype = args[5].dtype
-    block_b, block_v, block_d, block_do, num_warps = _deterministic_tile_sizes(B, V, D, x.dtype)
-    meta = dict(meta, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, BLOCK_DO=block_do, num_warps=num_warps)
-    num_d_tiles = triton.cdiv(D, block_do)
+    features_meta, weight_meta = _deterministic_tile_sizes(B, V, D, x.dtype)
 
-    feature_tiles = triton.cdiv(B, block_b) * num_d_tiles
+    feature_tiles = triton.cdiv(B, features_meta["BLOCK_B"]) * triton.cdiv(D, features_meta["BLOCK_DO"])
     positions_per_row = L // rows_per_sample
-    chunks, items_per_chunk = _chunks(feature_tiles * rows_per_sample, positions_per_row * triton.cdiv(V, block_v),
-                                      x.device)
+    chunks, items_per_chunk = _chunks(feature_tiles * rows_per_sample,
+                                      positions_per_row * triton.cdiv(V, features_meta["BLOCK_V"]), x.device)
     grad_f = torch.empty((chunks, B * rows_per_sample, D), dtype=acc_dtype, device=x.device)
     row_dot = torch.empty((chunks, B * rows_per_sample), dtype=acc_dtype, device=x.device)
     _code_ce_bwd_features_kernel[(feature_tiles, rows_per_sample, chunks)](
-        *args, grad_f, row_dot, *shapes, positions_per_row, items_per_chunk, *margins, **meta)
+        *args, grad_f, row_dot, *shapes, positions_per_row, items_per_chunk, *margins, **meta, **features_meta)
 
-    weight_tiles = triton.cdiv(V, block_v) * num_d_tiles
-    chunks, tiles_per_chunk = _chunks(weight_tiles * L, triton.cdiv(B, block_b), x.device)
+    weight_tiles = triton.cdiv(V, weight_meta["BLOCK_V"]) * triton.cdiv(D, weight_meta["BLOCK_DO"])
+    chunks, tiles_per_chunk = _chunks(weight_tiles * L, triton.cdiv(B, weight_meta["BLOCK_B"]), x.device)
     grad_w = torch.empty((chunks, L * V, D), dtype=acc_dtype, device=x.device)
     col_dot = torch.empty((chunks, L * V), dtype=acc_dtype, device=x.device)
     _code_ce_bwd_weight_kernel[(weight_tiles, L, chunks)](
-        *args, grad_w, col_dot, *shapes, tiles_per_chunk, *margins, **meta)
+        *args, grad_w, col_dot, *shapes, tiles_per_chunk, *margins, **meta, **weight_meta)
     return grad_f, row_dot, grad_w, col_dot
