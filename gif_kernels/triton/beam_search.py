@@ -125,15 +125,20 @@ def _beam_search_kernel(scores_ptr, offsets_ptr, tokens_ptr, leaf_ids_ptr, posit
 _CANDIDATES_PER_CHUNK = 2048
 
 
+def block_sizes(V: int, beam: int, topk: int):
+    """The kernel's BEAM, CHUNK and TOPK: beam slots (with room for the best pruned prefix), children per
+    slot scored at once, and result slots, as powers of two."""
+    BEAM = triton.next_power_of_2(beam + 1)
+    return dict(BEAM=BEAM, CHUNK=min(triton.next_power_of_2(V), max(1, _CANDIDATES_PER_CHUNK // BEAM)),
+                TOPK=triton.next_power_of_2(topk))
+
+
 def code_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam: int, topk: int):
     """Returns (ids (Q, topk) int64, total (Q, topk) float32, exact (Q,) bool); the arrays must form a
     trie of depth L (CodeTrie checks that when it is built; reads stay inside the arrays regardless)."""
     Q, L, V = scores.shape
     M = child_offsets.numel() - 1  # nodes
     leaf_start = M - leaf_ids.numel()
-    BEAM = triton.next_power_of_2(beam + 1)  # room for the best pruned prefix
-    CHUNK = min(triton.next_power_of_2(V), max(1, _CANDIDATES_PER_CHUNK // BEAM))
-    TOPK = triton.next_power_of_2(topk)
     ids = torch.empty((Q, topk), dtype=torch.int64, device=scores.device)
     totals = torch.empty((Q, topk), dtype=torch.float32, device=scores.device)
     exact = torch.empty((Q,), dtype=torch.bool, device=scores.device)
@@ -141,5 +146,5 @@ def code_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam: int, t
     if Q:
         _beam_search_kernel[(Q,)](scores, child_offsets, child_tokens, leaf_ids, position_max, ids, totals, exact,
                                   L, V, M, child_tokens.numel(), leaf_ids.numel(), leaf_start, beam, topk,
-                                  *scores.stride(), BEAM=BEAM, CHUNK=CHUNK, TOPK=TOPK)
+                                  *scores.stride(), **block_sizes(V, beam, topk))
     return ids, totals, exact

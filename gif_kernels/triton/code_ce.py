@@ -467,15 +467,20 @@ def _chunks(programs, items, device):
     return triton.cdiv(items, per_chunk), per_chunk
 
 
+def _finish_block_sizes(D):
+    """BLOCK_R, BLOCK_D of the finishing kernel (32 rows spilled registers on sm_90)."""
+    return dict(BLOCK_R=16, BLOCK_D=min(max(triton.next_power_of_2(D), 16), 128))
+
+
 def _finish_grad(parts, dot_parts, vec, rows_per_outer, stride_outer, stride_inner, normalize, shape, dtype):
     """Sum the (chunks, R, D) partial gradients, apply the normalization's projection (if any) and cast to
     (shape, dtype)."""
     out = torch.empty(shape, dtype=dtype, device=parts.device)
     num_parts, R, D = parts.shape
-    block_r, block_d = 32, min(max(triton.next_power_of_2(D), 16), 128)
-    _finish_rows_kernel[(triton.cdiv(R, block_r),)](
+    blocks = _finish_block_sizes(D)
+    _finish_rows_kernel[(triton.cdiv(R, blocks["BLOCK_R"]),)](
         parts, dot_parts, vec, out, R, D, num_parts, rows_per_outer, stride_outer, stride_inner, vec.stride(-1),
-        NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=block_d)
+        NORMALIZE=normalize, **blocks)
     return out
 
 
