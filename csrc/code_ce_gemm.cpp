@@ -65,14 +65,23 @@ std::vector<at::Tensor> operand_parts(const at::Tensor& g, at::ScalarType operan
   return {hi, (g - hi.to(g.scalar_type())).to(operand)};
 }
 
-// sum over the parts of a of part @ b.
-at::Tensor matmul_parts(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
-  at::Tensor out;
-  for (const at::Tensor& part : operand_parts(a, b.scalar_type())) {
-    at::Tensor product = matmul_acc(part, b, acc);
-    out = out.defined() ? out.add_(product) : product;
+// out (+)= sum over the parts of a of part @ b (2-D, or batched 3-D); out is in the accumulation dtype.
+// Operands in that dtype go straight into out (mm_out, addmm_, ...): no product tensor, no extra pass.
+void matmul_parts_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const std::vector<at::Tensor> parts = operand_parts(a, b.scalar_type());
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const bool add = accumulate || i > 0;
+    if (parts[i].scalar_type() == out.scalar_type() && b.scalar_type() == out.scalar_type()) {
+      if (a.dim() == 2) {
+        add ? out.addmm_(parts[i], b) : at::mm_out(out, parts[i], b);
+      } else {
+        add ? out.baddbmm_(parts[i], b) : at::bmm_out(out, parts[i], b);
+      }
+    } else {
+      const at::Tensor product = matmul_acc(parts[i], b, out.scalar_type());
+      add ? out.add_(product) : out.copy_(product);
+    }
   }
-  return out;
 }
 
 // Dot products of samples [b0, b1) with every weight row as (nb, L, V); strided for per-position features.
@@ -157,28 +166,30 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
               grad_rows.slice(0, b0, b1), saved_lse.slice(0, b0, b1), grad_for_feats, grad_for_rows,
               feat_dot, scale, m2, m3, ignore_index});
     const at::Tensor feats = o.feats.slice(0, b0, b1);
-    at::Tensor grad_block;
+    at::Tensor grad_block = grad_feats.slice(0, b0, b1);
     if (shared) {
-      grad_block = matmul_parts(grad_for_feats.view({nb, L * V}), o.rows.reshape({L * V, D}), o.acc)
-                       .unsqueeze(1);
-      grad_rows_acc.view({L * V, D}).add_(matmul_parts(grad_for_rows.view({nb, L * V}).t(), feats.squeeze(1), o.acc));
+      at::Tensor grad_block_2d = grad_block.view({nb, D});
+      matmul_parts_into(grad_block_2d, grad_for_feats.view({nb, L * V}), o.rows.reshape({L * V, D}), false);
+      at::Tensor grad_rows_2d = grad_rows_acc.view({L * V, D});
+      matmul_parts_into(grad_rows_2d, grad_for_rows.view({nb, L * V}).t(), feats.squeeze(1), true);
       if (normalize) feat_dot = feat_dot.sum(1, /*keepdim=*/true);
     } else {
-      grad_block = matmul_parts(grad_for_feats.transpose(0, 1), o.rows, o.acc).transpose(0, 1);
-      grad_rows_acc.add_(matmul_parts(grad_for_rows.permute({1, 2, 0}), feats.transpose(0, 1), o.acc));
+      at::Tensor grad_block_by_position = at::empty({L, nb, D}, acc_options);
+      matmul_parts_into(grad_block_by_position, grad_for_feats.transpose(0, 1), o.rows, false);
+      grad_block.copy_(grad_block_by_position.transpose(0, 1));
+      matmul_parts_into(grad_rows_acc, grad_for_rows.permute({1, 2, 0}), feats.transpose(0, 1), true);
     }
     if (normalize) {
       // Through v / ||v||: grad = (grad_unit - unit * (unit . grad_unit)) / ||v||, unit = v / ||v||.
       const at::Tensor norm = feat_norm.unsqueeze(-1);
-      grad_block.sub_(feats.to(o.acc) / norm * feat_dot.unsqueeze(-1)).div_(norm);
+      grad_block.addcmul_(feats.to(o.acc), feat_dot.unsqueeze(-1) / norm, -1).div_(norm);
       // sum_b dLoss/dcos * cos = sum_b grad_for_rows * dots / row_norm.
       row_dot_cos.add_((grad_for_rows * dots).sum(0));
     }
-    grad_feats.slice(0, b0, b1).copy_(grad_block);
   }
   if (normalize) {
     const at::Tensor norm = o.row_norm.unsqueeze(-1);
-    grad_rows_acc.sub_(o.rows.to(o.acc) / norm * (row_dot_cos.unsqueeze(-1) / norm)).div_(norm);
+    grad_rows_acc.addcmul_(o.rows.to(o.acc), row_dot_cos.unsqueeze(-1).div(norm).div_(norm), -1).div_(norm);
   }
   at::Tensor grad_x = (x.dim() == 2 ? grad_feats.squeeze(1) : grad_feats).to(x.scalar_type());
   return {grad_x, grad_rows_acc.to(weight.scalar_type())};
