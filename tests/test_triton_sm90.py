@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from gif_kernels.triton import beam_search, code_ce
+from gif_kernels.triton import LAUNCH_OPTIONS, beam_search, code_ce
 
 pytestmark = pytest.mark.skipif(
     not isinstance(code_ce._code_ce_fwd_kernel, triton.runtime.JITFunction),
@@ -33,7 +33,7 @@ def resource_usage(kernel, arg_types, constexprs, num_warps):
     source = triton.compiler.ASTSource(
         fn=kernel, signature=signature,
         constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()})
-    compiled = triton.compile(source, target=SM90, options=dict(num_warps=num_warps))
+    compiled = triton.compile(source, target=SM90, options=dict(num_warps=num_warps, **LAUNCH_OPTIONS))
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])

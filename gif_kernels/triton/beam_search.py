@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import LAUNCH_OPTIONS
+
 _INT64_MIN = tl.constexpr(-(2 ** 63))
 _LOW_MASK = tl.constexpr(0xFFFFFFFF)
 
@@ -146,5 +148,5 @@ def code_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam: int, t
     if Q:
         _beam_search_kernel[(Q,)](scores, child_offsets, child_tokens, leaf_ids, position_max, ids, totals, exact,
                                   L, V, M, child_tokens.numel(), leaf_ids.numel(), leaf_start, beam, topk,
-                                  *scores.stride(), **block_sizes(V, beam, topk))
+                                  *scores.stride(), **block_sizes(V, beam, topk), **LAUNCH_OPTIONS)
     return ids, totals, exact

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..constants import NORM_EPS, SIN_EPS
+from . import LAUNCH_OPTIONS
 
 _NORM_EPS = tl.constexpr(NORM_EPS)
 _SIN_EPS = tl.constexpr(SIN_EPS)
@@ -454,7 +455,7 @@ def code_ce_forward(x, weight, codes, position_weight, scale: float, m2: float, 
         feats, weight, codes.contiguous(), _position_weights(position_weight, L, acc_dtype, x.device), loss, lse,
         B, L, V, D, *feats.stride(), *weight.stride(), *_margin_args(scale, m2, m3), ignore_index,
         DOT_DTYPE=_dot_dtype(x.dtype), NORMALIZE=normalize, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d,
-        num_warps=num_warps)
+        num_warps=num_warps, **LAUNCH_OPTIONS)
     return loss, lse
 
 
@@ -480,7 +481,7 @@ def _finish_grad(parts, dot_parts, vec, rows_per_outer, stride_outer, stride_inn
     blocks = _finish_block_sizes(D)
     _finish_rows_kernel[(triton.cdiv(R, blocks["BLOCK_R"]),)](
         parts, dot_parts, vec, out, R, D, num_parts, rows_per_outer, stride_outer, stride_inner, vec.stride(-1),
-        NORMALIZE=normalize, **blocks)
+        NORMALIZE=normalize, **blocks, **LAUNCH_OPTIONS)
     return out
 
 
@@ -509,7 +510,7 @@ def code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m
         block_b, block_v, block_d, num_warps = _tile_sizes(B, V, D, x.dtype)
         _code_ce_bwd_atomic_kernel[(triton.cdiv(B, block_b), triton.cdiv(V, block_v), L)](
             *args, grad_f, grad_w, row_dot, col_dot, *shapes, rows_per_sample, *margins, **meta,
-            BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps)
+            BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps, **LAUNCH_OPTIONS)
     grad_x = _finish_grad(grad_f, row_dot, x, rows_per_sample, x.stride(0), x.stride(1) if x.dim() == 3 else 0,
                           normalize, x.shape, x.dtype)
     grad_weight = _finish_grad(grad_w, col_dot, weight, V, weight.stride(0), weight.stride(1),
@@ -532,12 +533,13 @@ def _deterministic_partials(args, shapes, margins, meta, rows_per_sample):
     grad_f = torch.empty((chunks, B * rows_per_sample, D), dtype=acc_dtype, device=x.device)
     row_dot = torch.empty((chunks, B * rows_per_sample), dtype=acc_dtype, device=x.device)
     _code_ce_bwd_features_kernel[(feature_tiles, rows_per_sample, chunks)](
-        *args, grad_f, row_dot, *shapes, positions_per_row, items_per_chunk, *margins, **meta, **features_meta)
+        *args, grad_f, row_dot, *shapes, positions_per_row, items_per_chunk, *margins, **meta, **features_meta,
+        **LAUNCH_OPTIONS)
 
     weight_tiles = triton.cdiv(V, weight_meta["BLOCK_V"]) * triton.cdiv(D, weight_meta["BLOCK_DO"])
     chunks, tiles_per_chunk = _chunks(weight_tiles * L, triton.cdiv(B, weight_meta["BLOCK_B"]), x.device)
     grad_w = torch.empty((chunks, L * V, D), dtype=acc_dtype, device=x.device)
     col_dot = torch.empty((chunks, L * V), dtype=acc_dtype, device=x.device)
     _code_ce_bwd_weight_kernel[(weight_tiles, L, chunks)](
-        *args, grad_w, col_dot, *shapes, tiles_per_chunk, *margins, **meta, **weight_meta)
+        *args, grad_w, col_dot, *shapes, tiles_per_chunk, *margins, **meta, **weight_meta, **LAUNCH_OPTIONS)
     return grad_f, row_dot, grad_w, col_dot
