@@ -24,11 +24,27 @@ at::Tensor clamped_norm(const at::Tensor& t, at::ScalarType acc) {
   return at::linalg_vector_norm(t, 2, {-1}, /*keepdim=*/false, acc).clamp_min(kNormEps);
 }
 
+std::optional<c10::OperatorHandle> find_op(const char* name, const char* overload) {
+  return c10::Dispatcher::singleton().findSchema({name, overload});
+}
+
+// PyTorch's GEMM of 16-bit operands with float32 output (aten::mm.dtype, or bmm.dtype for 3-D) where the
+// device has one (CUDA), else nullopt.
+std::optional<c10::OperatorHandle> float32_output_gemm(const at::Tensor& like, int64_t dim) {
+  static const auto mm_dtype = find_op("aten::mm", "dtype"), bmm_dtype = find_op("aten::bmm", "dtype");
+  const auto& op = dim == 2 ? mm_dtype : bmm_dtype;
+  const auto key = c10::computeDispatchKey(c10::nullopt, like.layout(), like.device());
+  return op.has_value() && op->hasKernelForDispatchKey(key) ? op : std::nullopt;
+}
+
 Operands operands(const at::Tensor& x, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& position_weight, bool normalize) {
   Operands o;
   o.acc = accumulation_type(x);
-  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  // 16-bit operands where the device multiplies them with float32 output; elsewhere (CPU) float32 copies,
+  // made once here rather than per product.
+  const bool half = (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
+                    float32_output_gemm(x, 2).has_value() && float32_output_gemm(x, 3).has_value();
   const auto operand = half ? x.scalar_type() : o.acc;
   o.feats = (x.dim() == 2 ? x.unsqueeze(1) : x).to(operand);
   o.rows = weight.to(operand);
@@ -40,21 +56,14 @@ Operands operands(const at::Tensor& x, const at::Tensor& weight,
   return o;
 }
 
-std::optional<c10::OperatorHandle> find_op(const char* name, const char* overload) {
-  return c10::Dispatcher::singleton().findSchema({name, overload});
-}
-
-// a @ b (2-D, or batched 3-D) with output in the accumulation dtype. 16-bit operands use PyTorch's
-// GEMM with float32 output (aten::mm.dtype, CUDA) where it exists, else float32 copies of them.
+// a @ b (2-D, or batched 3-D) with output in the accumulation dtype; 16-bit operands only where
+// float32_output_gemm has a kernel (operands() made float32 copies elsewhere).
 at::Tensor matmul_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
   if (a.scalar_type() == acc) return a.dim() == 2 ? at::mm(a, b) : at::bmm(a, b);
-  static const auto mm_dtype = find_op("aten::mm", "dtype"), bmm_dtype = find_op("aten::bmm", "dtype");
-  const auto& op = a.dim() == 2 ? mm_dtype : bmm_dtype;
-  const auto key = c10::computeDispatchKey(c10::nullopt, a.layout(), a.device());
-  if (op.has_value() && op->hasKernelForDispatchKey(key)) {
-    return op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(a, b, acc);
-  }
-  return matmul_acc(a.to(acc), b.to(acc), acc);
+  const auto op = float32_output_gemm(a, a.dim());
+  TORCH_INTERNAL_ASSERT(op.has_value(), "no GEMM of ", a.scalar_type(), " operands with ", acc, " output on ",
+                        a.device());
+  return op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(a, b, acc);
 }
 
 // g (accumulation dtype) as GEMM operands of the given dtype: g itself, or its hi and lo halves so that
