@@ -501,7 +501,8 @@ def code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m
     meta = dict(DOT_DTYPE=_dot_dtype(x.dtype), SPLIT_GRAD_COS=x.dtype in (torch.float16, torch.bfloat16),
                 NORMALIZE=normalize)
     if deterministic:
-        grad_f, row_dot, grad_w, col_dot = _deterministic_partials(args, shapes, margins, meta, rows_per_sample)
+        grad_f, row_dot, grad_w, col_dot = _deterministic_partials(args, shapes, margins, meta, rows_per_sample,
+                                                                   acc_dtype)
     else:
         grad_f = torch.zeros((1, B * rows_per_sample, D), dtype=acc_dtype, device=x.device)
         grad_w = torch.zeros((1, L * V, D), dtype=acc_dtype, device=x.device)
@@ -518,12 +519,11 @@ def code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m
     return grad_x, grad_weight
 
 
-def _deterministic_partials(args, shapes, margins, meta, rows_per_sample):
+def _deterministic_partials(args, shapes, margins, meta, rows_per_sample, acc_dtype):
     """(grad_f, row_dot, grad_w, col_dot) partial sums, (chunks, rows, D) and (chunks, rows), of the two
     atomic-free backward kernels: one summing over codes per feature row, one over samples per weight row."""
     x = args[0]
     B, L, V, D = shapes[:4]
-    acc_dtype = args[5].dtype
     features_meta, weight_meta = _deterministic_tile_sizes(B, V, D, x.dtype)
 
     feature_tiles = triton.cdiv(B, features_meta["BLOCK_B"]) * triton.cdiv(D, features_meta["BLOCK_DO"])
