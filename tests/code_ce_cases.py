@@ -1,4 +1,5 @@
 """Inputs and the float64 comparison shared by the fused_code_ce tests of every backend."""
+import itertools
 import math
 
 import torch
@@ -9,6 +10,14 @@ from gif_kernels import reference
 # Largest error allowed, relative to the largest magnitude of the float64 reference. Gradients
 # cancel terms of size `scale` (64) down to O(1), so float32 rounding alone reaches ~1e-5 at large V.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+# The shape grid every backend is checked on.
+SIZES = list(itertools.product([1, 5, 64], [1, 3, 6], [2, 16, 37, 300, 5000], [1, 8, 130]))
+
+# The CUDA kernels' boundaries: V = 64 / 65 and L * V = 1024 / 1088 (small-V kernel or GEMM path),
+# D past one 256-element chunk, aligned (16-byte loads) or not, B not a multiple of 4.
+CUDA_BOUNDARIES = [(7, 1, 64, 520), (7, 1, 65, 520), (9, 16, 64, 24), (9, 17, 64, 24), (130, 2, 5, 1024),
+                   (3, 8, 20, 1001), (33, 4, 33, 256)]
 
 MARGINS = {
     "none": dict(),
@@ -50,12 +59,17 @@ def assert_close(actual, expected, dtype, what, floor=1.0):
 
 
 def check_against_reference(backend, inputs, reduction="none", deterministic=None, **kwargs):
-    """Loss, grad_x and grad_weight of `backend` against autograd of reference.py in float64."""
+    """Loss, grad_x and grad_weight of `backend` against autograd of reference.py in float64. backend: a
+    backend name of gif_kernels.fused_code_ce, or a function with its arguments (x, weight, codes,
+    position_weight, reduction=..., **kwargs)."""
     x = inputs["x"].detach().requires_grad_()
     weight = inputs["weight"].detach().requires_grad_()
     pw = inputs["position_weight"]
-    loss = gif_kernels.fused_code_ce(x, weight, inputs["codes"], pw, reduction=reduction,
-                                     backend=backend, deterministic=deterministic, **kwargs)
+    if callable(backend):
+        loss = backend(x, weight, inputs["codes"], pw, reduction=reduction, **kwargs)
+    else:
+        loss = gif_kernels.fused_code_ce(x, weight, inputs["codes"], pw, reduction=reduction,
+                                         backend=backend, deterministic=deterministic, **kwargs)
     x64 = inputs["x"].detach().double().cpu().requires_grad_()
     w64 = inputs["weight"].detach().double().cpu().requires_grad_()
     expected = reference.fused_code_ce(x64, w64, inputs["codes"].cpu(), pw.double().cpu(),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gif_kernels
-from gif_kernels import CodeBook
+from beam_search_cases import random_codebook
 
 pytestmark = pytest.mark.cuda
 
@@ -14,18 +14,11 @@ def gpu_backends():
     return [b for b in ("cuda", "triton") if gif_kernels.ops.has_beam_search_kernel(b, device)]
 
 
-def random_trie(num_ids, vocab, length, seed):
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.unique(torch.randint(0, vocab, (2 * num_ids, length), generator=gen), dim=0)
-    codes = codes[torch.randperm(codes.shape[0], generator=gen)[:num_ids]]
-    return CodeBook(codes, vocab), gen
-
-
 @pytest.mark.parametrize("num_ids,vocab,length,beam,topk", [
     (1, 3, 2, 2, 1), (7, 4, 2, 5, 5), (50, 4, 3, 4, 2), (5000, 16, 4, 32, 5), (20000, 16, 6, 256, 10),
     (3000, 4096, 2, 64, 5), (2000, 2, 12, 8, 3), (100000, 256, 3, 128, 5)])
 def test_matches_the_cpp_kernel(num_ids, vocab, length, beam, topk):
-    book, gen = random_trie(num_ids, vocab, length, seed=num_ids + beam)
+    book, gen = random_codebook(num_ids, vocab, length, seed=num_ids + beam)
     scores = torch.randn(33, length, vocab, generator=gen).log_softmax(-1)
     scores[:8] = (scores[:8] * 2).round() / 2  # ties
     trie = book.trie("cpu")
@@ -39,7 +32,7 @@ def test_matches_the_cpp_kernel(num_ids, vocab, length, beam, topk):
 
 
 def test_exact_research_and_beam_limits():
-    book, gen = random_trie(3000, 8, 4, seed=7)
+    book, gen = random_codebook(3000, 8, 4, seed=7)
     scores = torch.randn(16, 4, 8, generator=gen).log_softmax(-1).cuda()
     trie = book.trie("cuda")
     ref_ids, ref_total = gif_kernels.exhaustive_code_topk(scores, trie, topk=3)
@@ -57,7 +50,7 @@ def test_exact_research_and_beam_limits():
 
 def test_sanitizer_cases():
     """A small case through every beam search kernel; bench/device_check.sh runs it under compute-sanitizer."""
-    book, gen = random_trie(300, 16, 3, seed=8)
+    book, gen = random_codebook(300, 16, 3, seed=8)
     scores = torch.randn(5, 3, 16, generator=gen).log_softmax(-1).cuda()
     for backend in gpu_backends():
         gif_kernels.code_beam_search(scores, book.trie("cuda"), beam=8, topk=3, backend=backend)

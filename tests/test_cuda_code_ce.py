@@ -1,13 +1,12 @@
 """fused_code_ce on CUDA tensors: every GPU backend against reference.py in float64 on the shape
 grid, the CUDA kernels' path boundaries, reproducibility, opcheck, and sizes whose element offsets
 pass 2^31. Needs a GPU; bench/device_check.sh runs these."""
-import itertools
-
 import pytest
 import torch
 
 import gif_kernels
-from code_ce_cases import MARGINS, check_against_reference, make_inputs, op_samples, opcheck_family
+from code_ce_cases import (CUDA_BOUNDARIES, MARGINS, SIZES, check_against_reference, make_inputs, op_samples,
+                           opcheck_family)
 
 pytestmark = pytest.mark.cuda
 
@@ -21,9 +20,6 @@ def needs(backend):
         pytest.skip(f"backend {backend!r} not built")
 
 
-SIZES = list(itertools.product([1, 5, 64], [1, 3, 6], [2, 16, 37, 300, 5000], [1, 8, 130]))
-
-
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
@@ -35,16 +31,10 @@ def test_shape_grid(B, L, V, D, shared, dtype, backend):
     check_against_reference(backend, inputs, **MARGINS[margin])
 
 
-# The CUDA kernels' boundaries: V = 64 / 65 and L * V = 1024 / 1088 (small-V kernel or GEMM path),
-# D past one 256-element chunk, aligned (16-byte loads) or not, B not a multiple of 4.
-BOUNDARIES = [(7, 1, 64, 520), (7, 1, 65, 520), (9, 16, 64, 24), (9, 17, 64, 24), (130, 2, 5, 1024),
-              (3, 8, 20, 1001), (33, 4, 33, 256)]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
                          ids=["fp32", "bf16", "fp16", "fp64"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
-@pytest.mark.parametrize("B,L,V,D", BOUNDARIES)
+@pytest.mark.parametrize("B,L,V,D", CUDA_BOUNDARIES)
 def test_cuda_kernel_boundaries(B, L, V, D, shared, dtype):
     needs("cuda")
     inputs = make_inputs(B, L, V, D, shared, dtype, "cuda", seed=B + L + V + D)

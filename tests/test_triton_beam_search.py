@@ -4,23 +4,17 @@ import pytest
 import torch
 
 import gif_kernels
-from gif_kernels import CodeBook
+from beam_search_cases import random_codebook
 
 pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def random_trie(num_ids, vocab, length, seed):
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.unique(torch.randint(0, vocab, (2 * num_ids, length), generator=gen), dim=0)
-    codes = codes[torch.randperm(codes.shape[0], generator=gen)[:num_ids]]
-    return CodeBook(codes, vocab).trie(DEVICE), gen
-
-
 @pytest.mark.parametrize("num_ids,vocab,length,beam,topk", [
     (50, 4, 3, 4, 2), (300, 16, 3, 8, 5), (1, 3, 2, 2, 1), (7, 4, 2, 5, 5), (97, 2, 9, 8, 3)])
 def test_matches_the_cpp_kernel(num_ids, vocab, length, beam, topk):
-    trie, gen = random_trie(num_ids, vocab, length, seed=num_ids + beam)
+    book, gen = random_codebook(num_ids, vocab, length, seed=num_ids + beam)
+    trie = book.trie(DEVICE)
     scores = torch.randn(3, length, vocab, generator=gen).log_softmax(-1)
     # Ties too: scores on a coarse grid make equal totals common.
     scores[0] = (scores[0] * 2).round() / 2
@@ -32,7 +26,8 @@ def test_matches_the_cpp_kernel(num_ids, vocab, length, beam, topk):
 
 
 def test_bfloat16_and_exact_research():
-    trie, gen = random_trie(200, 8, 3, seed=5)
+    book, gen = random_codebook(200, 8, 3, seed=5)
+    trie = book.trie(DEVICE)
     scores = torch.randn(4, 3, 8, generator=gen).log_softmax(-1).to(DEVICE, torch.bfloat16)
     ids, total, exact = gif_kernels.code_beam_search(scores, trie, beam=2, topk=2, backend="triton", exact=True)
     ref_ids, ref_total = gif_kernels.exhaustive_code_topk(scores, trie, topk=2)
@@ -41,7 +36,8 @@ def test_bfloat16_and_exact_research():
 
 
 def test_beam_limit_is_named():
-    trie, gen = random_trie(20, 4, 2, seed=6)
+    book, gen = random_codebook(20, 4, 2, seed=6)
+    trie = book.trie(DEVICE)
     scores = torch.randn(1, 2, 4, generator=gen).to(DEVICE)
     arrays = (trie.child_offsets, trie.child_tokens, trie.leaf_ids)
     with pytest.raises(ValueError, match="beam: the Triton kernel"):

@@ -549,7 +549,7 @@ void forward_rows_cuda(const ForwardBlock& blk) {
     const auto a = dot_rows<scalar_t>(blk.dots, blk.feat_norm, blk.row_norm, blk.codes, blk.position_weight,
                                       blk.scale, blk.m2, blk.m3, blk.ignore_index);
     if (a.rows == 0) return;
-    gemm_forward_rows_kernel<<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    gemm_forward_rows_kernel<scalar_t><<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         a, blk.loss.data_ptr<scalar_t>(), blk.lse.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -560,7 +560,7 @@ void backward_rows_cuda(const BackwardBlock& blk) {
     const auto a = dot_rows<scalar_t>(blk.dots, blk.feat_norm, blk.row_norm, blk.codes, blk.position_weight,
                                       blk.scale, blk.m2, blk.m3, blk.ignore_index);
     if (a.rows == 0) return;
-    gemm_backward_rows_kernel<<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    gemm_backward_rows_kernel<scalar_t><<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         a, blk.grad_loss.data_ptr<scalar_t>(), blk.lse.data_ptr<scalar_t>(),
         blk.grad_for_feats.data_ptr<scalar_t>(), blk.grad_for_rows.data_ptr<scalar_t>(),
         blk.cos_dot.data_ptr<scalar_t>());

@@ -1,0 +1,58 @@
+"""Builds the project's CUDA C++ sources as a CPU library that runs their kernels under the emulator of
+tests/cuda_emulation/include/gif_emulated_cuda.h, and registers their ops as torch.ops.gif_emulated_cuda.*
+(the CUDA functions themselves: input checks, host code and kernels, on CPU tensors)."""
+import functools
+import glob
+import os
+import re
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INCLUDE = os.path.join(ROOT, "tests", "cuda_emulation", "include")
+BUILD = os.path.join(ROOT, "build", "emulated_cuda")
+
+# The constructs of a .cu file that C++ cannot parse, and what the emulator takes instead.
+LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
+REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(gif, CUDA, m\)")
+
+
+def emulated_source(path):
+    """The C++ text of one .cu file: launches through the emulator, its op functions defined (schemas
+    inferred from their C++ types) in the gif_emulated_cuda library instead of implementing gif's on CUDA."""
+    with open(path) as f:
+        text = f.read()
+    text, launches = LAUNCH.subn(r"::gif_emulated_cuda::launch(\1, \2)(", text)
+    text = EXTERN_SHARED.sub(r"\1* \2 = ::gif_emulated_cuda::dynamic_shared<\1>();", text)
+    parts = REGISTRATION.split(text)
+    if launches == 0 or len(parts) != 2 or "<<<" in text:
+        raise RuntimeError(f"{path}: expected kernel launches and one TORCH_LIBRARY_IMPL(gif, CUDA, m)")
+    return parts[0] + "TORCH_LIBRARY_FRAGMENT(gif_emulated_cuda, m)" + parts[1].replace("m.impl(", "m.def(")
+
+
+@functools.cache
+def load():
+    """Compiles (once; ninja rebuilds what changed) and loads the emulated CUDA library."""
+    os.makedirs(BUILD, exist_ok=True)
+    sources = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
+        target = os.path.join(BUILD, os.path.basename(path) + ".cpp")
+        text = emulated_source(path)
+        if not os.path.exists(target) or open(target).read() != text:
+            with open(target, "w") as f:
+                f.write(text)
+        sources.append(target)
+    # The host code the CUDA sources share with the CPU kernels (checks, the GEMM driver); not the CPU
+    # kernels and their registrations.
+    sources += sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+    sources.remove(os.path.join(ROOT, "csrc", "gif_ops.cpp"))
+    cpp_extension.load(
+        name="gif_emulated_cuda", sources=sources, build_directory=BUILD, is_python_module=False,
+        extra_include_paths=[INCLUDE, os.path.join(ROOT, "csrc", "cuda")],
+        # CUDA code reads arrays through uint4 for 16-byte loads: no strict-aliasing assumptions.
+        extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing", "-include",
+                      os.path.join(INCLUDE, "gif_emulated_cuda.h")],
+        verbose=False)
+    return torch.ops.gif_emulated_cuda

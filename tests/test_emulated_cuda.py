@@ -1,0 +1,105 @@
+"""The CUDA C++ sources run on the CPU under tests/cuda_emulation (one fiber per CUDA thread; see its
+header for what it models): their host code and kernels against reference.py in float64 and the C++
+CPU kernels, on machines without a GPU. The GPU runs the same sources through tests/test_cuda_*.py."""
+import pytest
+import torch
+
+import emulated_cuda
+from beam_search_cases import random_codebook
+from code_ce_cases import CUDA_BOUNDARIES, MARGINS, check_against_reference, make_inputs
+from gif_kernels import reference
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return emulated_cuda.load()
+
+
+def emulated_code_ce(ops):
+    """fused_code_ce through the emulated CUDA forward and backward ops."""
+    class CodeCE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, codes, position_weight, *args):
+            rows, lse = ops.code_ce_forward(x, weight, codes, position_weight, *args)
+            ctx.save_for_backward(x, weight, codes, position_weight, lse)
+            ctx.args = args
+            return rows
+
+        @staticmethod
+        def backward(ctx, grad_rows):
+            x, weight, codes, position_weight, lse = ctx.saved_tensors
+            grad_x, grad_weight = ops.code_ce_backward(grad_rows, x, weight, codes, position_weight, lse,
+                                                       *ctx.args)
+            return (grad_x, grad_weight) + (None,) * (2 + len(ctx.args))
+
+    def loss(x, weight, codes, position_weight, scale=64.0, m2=0.0, m3=0.0, normalize=True,
+             ignore_index=-100, reduction="mean"):
+        rows = CodeCE.apply(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index)
+        return reference.reduce_loss(rows, reduction)
+
+    return loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+@pytest.mark.parametrize("B,L,V,D", CUDA_BOUNDARIES)
+def test_code_ce_kernel_boundaries(ops, B, L, V, D, shared, dtype):
+    inputs = make_inputs(B, L, V, D, shared, dtype, seed=B + L + V + D)
+    check_against_reference(emulated_code_ce(ops), inputs, **MARGINS["both"])
+
+
+@pytest.mark.parametrize("margin", list(MARGINS))
+@pytest.mark.parametrize("B,L,V,D", [(1, 1, 2, 1), (5, 3, 16, 8), (4, 6, 37, 130), (6, 2, 300, 40)])
+def test_code_ce_small_shapes_and_margins(ops, B, L, V, D, margin):
+    inputs = make_inputs(B, L, V, D, (B + V) % 2 == 0, torch.float32, seed=B * L * V * D)
+    check_against_reference(emulated_code_ce(ops), inputs, **MARGINS[margin])
+
+
+@pytest.mark.parametrize("V", [37, 300])
+def test_code_ce_reductions_and_raw_dots(ops, V):
+    inputs = make_inputs(33, 3, V, 64, False, torch.float32, seed=31)
+    check_against_reference(emulated_code_ce(ops), inputs, reduction="mean", **MARGINS["both"])
+    inputs["x"], inputs["weight"] = inputs["x"] * 0.25, inputs["weight"] * 0.25
+    check_against_reference(emulated_code_ce(ops), inputs, reduction="sum", normalize=False, scale=2.0, m3=0.3)
+
+
+@pytest.mark.parametrize("V", [16, 300])
+def test_out_of_range_codes_give_nan_rows(ops, V):
+    """The CUDA host code cannot check codes without a host sync: a bad code's row is NaN, the rest exact."""
+    inputs = make_inputs(4, 2, V, 8, True, torch.float32, seed=V, ignore=False)
+    inputs["codes"][1, 0], inputs["codes"][2, 1] = V, -7
+    rows, lse = ops.code_ce_forward(inputs["x"], inputs["weight"], inputs["codes"], None, 64.0, 0.0, 0.4, True,
+                                    -100)
+    assert rows[1, 0].isnan() and rows[2, 1].isnan() and rows[0].isfinite().all() and rows[3].isfinite().all()
+    grad_x, grad_weight = ops.code_ce_backward(torch.ones_like(rows), inputs["x"], inputs["weight"],
+                                               inputs["codes"], None, lse, 64.0, 0.0, 0.4, True, -100)
+    assert grad_x[0].isfinite().all() and grad_x[1].isnan().any()
+
+
+@pytest.mark.parametrize("num_ids,vocab,length,beam,topk", [
+    (1, 3, 2, 2, 1), (7, 4, 2, 5, 5), (50, 4, 3, 4, 2), (2000, 16, 4, 32, 5), (3000, 700, 2, 64, 5),
+    (500, 2, 12, 8, 3), (4000, 16, 4, 256, 10)])
+def test_beam_search_matches_the_cpp_kernel(ops, num_ids, vocab, length, beam, topk):
+    """The same bits as the C++ CPU kernel for float32 scores, ties included."""
+    book, gen = random_codebook(num_ids, vocab, length, seed=num_ids + beam)
+    scores = torch.randn(5, length, vocab, generator=gen).log_softmax(-1)
+    scores[:2] = (scores[:2] * 2).round() / 2  # ties
+    trie = book.trie()
+    arrays = (trie.child_offsets, trie.child_tokens, trie.leaf_ids)
+    expected = torch.ops.gif.code_beam_search(scores, *arrays, beam, topk)
+    got = ops.code_beam_search(scores, *arrays, beam, topk)
+    for name, e, g in zip(("ids", "total", "exact"), expected, got):
+        assert torch.equal(e, g), f"{name}: {g} != {e}"
+
+
+def test_beam_search_low_precision_and_beam_limit(ops):
+    book, gen = random_codebook(300, 8, 3, seed=5)
+    trie = book.trie()
+    arrays = (trie.child_offsets, trie.child_tokens, trie.leaf_ids)
+    scores = torch.randn(3, 3, 8, generator=gen).log_softmax(-1).to(torch.bfloat16)
+    expected = torch.ops.gif.code_beam_search(scores, *arrays, 4, 3)
+    for e, g in zip(expected, ops.code_beam_search(scores, *arrays, 4, 3)):
+        assert torch.equal(e, g)
+    with pytest.raises(ValueError, match="beam: the CUDA kernel takes beam <= 256"):
+        ops.code_beam_search(scores, *arrays, 257, 3)
