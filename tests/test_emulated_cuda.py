@@ -77,6 +77,30 @@ def test_out_of_range_codes_give_nan_rows(ops, V):
     assert grad_x[0].isfinite().all() and grad_x[1].isnan().any()
 
 
+def in_both_orders(monkeypatch, run):
+    """run() with the emulated threads in ascending, then descending order between barriers."""
+    results = []
+    for order in ("ascending", "descending"):
+        monkeypatch.setenv("GIF_EMULATED_CUDA_ORDER", order)
+        results.append(run())
+    return results
+
+
+@pytest.mark.parametrize("B,L,V,D,shared", [(9, 3, 16, 300, True), (6, 4, 37, 40, False), (5, 2, 300, 24, True)])
+def test_code_ce_kernels_have_no_races(ops, monkeypatch, B, L, V, D, shared):
+    """The kernels have no atomics: the same bits whatever the order of threads between barriers."""
+    inputs = make_inputs(B, L, V, D, shared, torch.bfloat16, seed=B + V)
+    args = (inputs["x"], inputs["weight"], inputs["codes"], inputs["position_weight"])
+    margins = (64.0, 0.3, 0.2, True, -100)
+
+    def run():
+        rows, lse = ops.code_ce_forward(*args, *margins)
+        return (rows, lse, *ops.code_ce_backward(inputs["grad_rows"].float(), *args, lse, *margins))
+
+    for first, second in zip(*in_both_orders(monkeypatch, run)):
+        assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("num_ids,vocab,length,beam,topk", [
     (1, 3, 2, 2, 1), (7, 4, 2, 5, 5), (50, 4, 3, 4, 2), (2000, 16, 4, 32, 5), (3000, 700, 2, 64, 5),
     (500, 2, 12, 8, 3), (4000, 16, 4, 256, 10)])
@@ -103,3 +127,13 @@ def test_beam_search_low_precision_and_beam_limit(ops):
         assert torch.equal(e, g)
     with pytest.raises(ValueError, match="beam: the CUDA kernel takes beam <= 256"):
         ops.code_beam_search(scores, *arrays, 257, 3)
+
+
+def test_beam_search_kernel_has_no_races(ops, monkeypatch):
+    book, gen = random_codebook(3000, 16, 4, seed=9)
+    trie = book.trie()
+    scores = (torch.randn(3, 4, 16, generator=gen).log_softmax(-1) * 2).round() / 2  # ties
+    arrays = (trie.child_offsets, trie.child_tokens, trie.leaf_ids)
+    first, second = in_both_orders(monkeypatch, lambda: ops.code_beam_search(scores, *arrays, 64, 5))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -10,10 +10,12 @@
 // after lanes of the warp returned. Launches are checked against an H100's limits (grid and block
 // sizes, dynamic shared memory above 48 KB only after cudaFuncSetAttribute). Dynamic shared memory
 // starts each block filled with 0xFF bytes (NaN floats, -1 integers), so reads of shared memory no
-// thread wrote show in the results.
+// thread wrote show in the results. Threads run in ascending order between barriers, or in descending
+// order with GIF_EMULATED_CUDA_ORDER=descending set: a kernel without atomics whose results differ between
+// the two orders reads or writes memory another thread writes without a barrier in between (a race).
 //
-// Not modelled: timing, registers, alignment faults, races between barriers (threads run one after
-// another), and device math (exp, log and sqrt are the host's, within an ulp or two of the GPU's).
+// Not modelled: timing, registers, alignment faults, interleavings other than the two orders, and device
+// math (exp, log and sqrt are the host's, within an ulp or two of the GPU's).
 #pragma once
 
 #include <ucontext.h>
@@ -23,6 +25,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -135,8 +138,14 @@ inline bool release_barriers(Block& b) {
   return true;
 }
 
+inline bool descending_order() {
+  const char* order = std::getenv("GIF_EMULATED_CUDA_ORDER");
+  return order != nullptr && std::strcmp(order, "descending") == 0;
+}
+
 inline void run_block(Block& b) {
   const int n = int(b.fibers.size());
+  const bool descending = descending_order();
   if (b.dynamic_shared_bytes > 0) std::memset(b.dynamic_shared.get(), 0xFF, size_t(b.dynamic_shared_bytes));
   for (Fiber& f : b.fibers) {
     f.wait = Wait::kNone;
@@ -148,7 +157,8 @@ inline void run_block(Block& b) {
     makecontext(&f.context, fiber_main, 0);
   }
   while (true) {
-    for (int i = 0; i < n; ++i) {
+    for (int k = 0; k < n; ++k) {
+      const int i = descending ? n - 1 - k : k;
       if (b.fibers[i].done || b.fibers[i].wait != Wait::kNone) continue;
       b.current = i;
       swapcontext(&b.scheduler, &b.fibers[i].context);
