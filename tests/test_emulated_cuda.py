@@ -56,6 +56,26 @@ def test_code_ce_small_shapes_and_margins(ops, B, L, V, D, margin):
     check_against_reference(emulated_code_ce(ops), inputs, **MARGINS[margin])
 
 
+@pytest.fixture
+def float32_output_gemms():
+    """CPU kernels for aten::mm.dtype and aten::bmm.dtype (16-bit operands, float32 output), which the CPU
+    lacks and CUDA has: with them the GEMM driver takes the branch it takes on CUDA, 16-bit operands with
+    gradient factors split in high and low halves."""
+    library = torch.library.Library("aten", "IMPL")
+    for name, product in (("mm.dtype", torch.mm), ("bmm.dtype", torch.bmm)):
+        library.impl(name, lambda a, b, out_dtype, product=product: product(a.float(), b.float()).to(out_dtype),
+                     "CPU")
+    yield
+    library._destroy()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B,L,V,D,shared", [(9, 2, 300, 40, True), (6, 3, 70, 24, False), (5, 1, 5000, 16, True)])
+def test_code_ce_gemm_path_on_16bit_operands(ops, float32_output_gemms, B, L, V, D, shared, dtype):
+    inputs = make_inputs(B, L, V, D, shared, dtype, seed=B + V)
+    check_against_reference(emulated_code_ce(ops), inputs, **MARGINS["both"])
+
+
 @pytest.mark.parametrize("V", [37, 300])
 def test_code_ce_reductions_and_raw_dots(ops, V):
     inputs = make_inputs(33, 3, V, 64, False, torch.float32, seed=31)
