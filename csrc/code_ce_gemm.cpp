@@ -66,22 +66,34 @@ at::Tensor matmul_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType a
   return op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(a, b, acc);
 }
 
-// g (accumulation dtype) as GEMM operands of the given dtype: g itself, or its hi and lo halves so that
-// hi + lo carries g to about 2^-16 of its size.
-std::vector<at::Tensor> operand_parts(const at::Tensor& g, at::ScalarType operand) {
+// Gradient factors as GEMM operands: one tensor, or high and low halves (see BackwardBlock).
+using Parts = std::vector<at::Tensor>;
+
+// g (accumulation dtype) as GEMM operands of the given dtype: g itself, or its high and low halves.
+Parts operand_parts(const at::Tensor& g, at::ScalarType operand) {
   if (g.scalar_type() == operand) return {g};
   const at::Tensor hi = g.to(operand);
   return {hi, (g - hi.to(g.scalar_type())).to(operand)};
 }
 
-// out (+)= sum over the parts of a of part @ b (2-D, or batched 3-D); out is in the accumulation dtype.
+// The factors the row step wrote as GEMM operands of dtype `operand`.
+Parts written_parts(const at::Tensor& factors, const at::Tensor& low_halves, at::ScalarType operand) {
+  return low_halves.defined() ? Parts{factors, low_halves} : operand_parts(factors, operand);
+}
+
+Parts map_parts(const Parts& parts, const std::function<at::Tensor(const at::Tensor&)>& view) {
+  Parts out;
+  for (const at::Tensor& part : parts) out.push_back(view(part));
+  return out;
+}
+
+// out (+)= sum over the parts of part @ b (2-D, or batched 3-D); out is in the accumulation dtype.
 // Operands in that dtype go straight into out (mm_out, addmm_, ...): no product tensor, no extra pass.
-void matmul_parts_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  const std::vector<at::Tensor> parts = operand_parts(a, b.scalar_type());
+void matmul_parts_into(at::Tensor& out, const Parts& parts, const at::Tensor& b, bool accumulate) {
   for (size_t i = 0; i < parts.size(); ++i) {
     const bool add = accumulate || i > 0;
     if (parts[i].scalar_type() == out.scalar_type() && b.scalar_type() == out.scalar_type()) {
-      if (a.dim() == 2) {
+      if (parts[i].dim() == 2) {
         add ? out.addmm_(parts[i], b) : at::mm_out(out, parts[i], b);
       } else {
         add ? out.baddbmm_(parts[i], b) : at::bmm_out(out, parts[i], b);
@@ -156,49 +168,60 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
   const int64_t B = x.size(0), L = weight.size(0), V = weight.size(1), D = weight.size(2);
   const Operands o = operands(x, weight, position_weight, normalize);
   const bool shared = o.feats.size(1) == 1;
+  const auto operand = o.rows.scalar_type();
+  const bool halves = operand != o.acc && row_step.writes_halves;
   const at::Tensor codes64 = codes.to(at::kLong).contiguous();
   const at::Tensor grad_rows = grad_loss.to(o.acc).contiguous();
   const at::Tensor saved_lse = lse.to(o.acc).contiguous();
   const auto acc_options = o.position_weight.options();
+  const auto factor_options = acc_options.dtype(halves ? operand : o.acc);
   at::Tensor grad_feats = at::empty({B, o.feats.size(1), D}, acc_options);
   at::Tensor grad_rows_acc = at::zeros({L, V, D}, acc_options);  // sum_b grad_for_rows_bv * feat_b
-  at::Tensor row_dot_cos = at::zeros({L, V}, acc_options);       // sum_b dLoss/dcos_bv * cos_bv
   const int64_t rows_per_block = block_rows(L, V, block_elements);
   for (int64_t b0 = 0; b0 < B; b0 += rows_per_block) {
     const int64_t b1 = std::min(B, b0 + rows_per_block), nb = b1 - b0;
-    const at::Tensor dots = block_dots(o, b0, b1);
-    at::Tensor grad_for_feats = at::empty({nb, L, V}, acc_options);
-    at::Tensor grad_for_rows = at::empty({nb, L, V}, acc_options);
+    at::Tensor grad_for_feats = at::empty({nb, L, V}, factor_options);
+    at::Tensor grad_for_rows = at::empty({nb, L, V}, factor_options);
+    at::Tensor feats_lo = halves ? at::empty({nb, L, V}, factor_options) : at::Tensor();
+    at::Tensor rows_lo = halves ? at::empty({nb, L, V}, factor_options) : at::Tensor();
     at::Tensor feat_dot = at::empty({nb, L}, acc_options);
     const at::Tensor feat_norm = slice_or_undefined(o.feat_norm, b0, b1);
-    row_step({dots, feat_norm, o.row_norm, codes64.slice(0, b0, b1), o.position_weight,
-              grad_rows.slice(0, b0, b1), saved_lse.slice(0, b0, b1), grad_for_feats, grad_for_rows,
-              feat_dot, scale, m2, m3, ignore_index});
+    row_step.run({block_dots(o, b0, b1), feat_norm, o.row_norm, codes64.slice(0, b0, b1), o.position_weight,
+                  grad_rows.slice(0, b0, b1), saved_lse.slice(0, b0, b1), grad_for_feats, grad_for_rows,
+                  feats_lo, rows_lo, feat_dot, scale, m2, m3, ignore_index});
+    const Parts for_feats = written_parts(grad_for_feats, feats_lo, operand);
+    const Parts for_rows = written_parts(grad_for_rows, rows_lo, operand);
     const at::Tensor feats = o.feats.slice(0, b0, b1);
     at::Tensor grad_block = grad_feats.slice(0, b0, b1);
     if (shared) {
       at::Tensor grad_block_2d = grad_block.view({nb, D});
-      matmul_parts_into(grad_block_2d, grad_for_feats.view({nb, L * V}), o.rows.reshape({L * V, D}), false);
+      const auto flat = [&](const at::Tensor& t) { return t.view({nb, L * V}); };
+      matmul_parts_into(grad_block_2d, map_parts(for_feats, flat), o.rows.reshape({L * V, D}), false);
       at::Tensor grad_rows_2d = grad_rows_acc.view({L * V, D});
-      matmul_parts_into(grad_rows_2d, grad_for_rows.view({nb, L * V}).t(), feats.squeeze(1), true);
+      const auto flat_t = [&](const at::Tensor& t) { return t.view({nb, L * V}).t(); };
+      matmul_parts_into(grad_rows_2d, map_parts(for_rows, flat_t), feats.squeeze(1), true);
       if (normalize) feat_dot = feat_dot.sum(1, /*keepdim=*/true);
     } else {
       at::Tensor grad_block_by_position = at::empty({L, nb, D}, acc_options);
-      matmul_parts_into(grad_block_by_position, grad_for_feats.transpose(0, 1), o.rows, false);
+      const auto by_position = [](const at::Tensor& t) { return t.transpose(0, 1); };
+      matmul_parts_into(grad_block_by_position, map_parts(for_feats, by_position), o.rows, false);
       grad_block.copy_(grad_block_by_position.transpose(0, 1));
-      matmul_parts_into(grad_rows_acc, grad_for_rows.permute({1, 2, 0}), feats.transpose(0, 1), true);
+      const auto by_position_t = [](const at::Tensor& t) { return t.permute({1, 2, 0}); };
+      matmul_parts_into(grad_rows_acc, map_parts(for_rows, by_position_t), feats.transpose(0, 1), true);
     }
     if (normalize) {
       // Through v / ||v||: grad = (grad_unit - unit * (unit . grad_unit)) / ||v||, unit = v / ||v||.
       const at::Tensor norm = feat_norm.unsqueeze(-1);
       grad_block.addcmul_(feats.to(o.acc), feat_dot.unsqueeze(-1) / norm, -1).div_(norm);
-      // sum_b dLoss/dcos * cos = sum_b grad_for_rows * dots / row_norm.
-      row_dot_cos.add_((grad_for_rows * dots).sum(0));
     }
   }
   if (normalize) {
+    // The same for the rows, whose unit . grad_unit = sum_b dLoss/dcos * cos is grad_unit . w / ||w||
+    // (grad_unit = grad_rows_acc: sum_b dLoss/dcos * unit feature).
     const at::Tensor norm = o.row_norm.unsqueeze(-1);
-    grad_rows_acc.addcmul_(o.rows.to(o.acc), row_dot_cos.unsqueeze(-1).div(norm).div_(norm), -1).div_(norm);
+    const at::Tensor rows = o.rows.to(o.acc);
+    const at::Tensor unit_dot = at::linalg_vecdot(grad_rows_acc, rows).unsqueeze(-1) / norm;
+    grad_rows_acc.addcmul_(rows, unit_dot.div(norm), -1).div_(norm);
   }
   at::Tensor grad_x = (x.dim() == 2 ? grad_feats.squeeze(1) : grad_feats).to(x.scalar_type());
   return {grad_x, grad_rows_acc.to(weight.scalar_type())};

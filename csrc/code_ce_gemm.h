@@ -46,16 +46,23 @@ struct ForwardBlock {
 // Writes loss and lse of the block's rows.
 using ForwardRowStep = std::function<void(const ForwardBlock&)>;
 
+// The gradient factors are written as GEMM operands: in the accumulation dtype, or, where the _lo tensors
+// are defined, in the 16-bit dtype of the inputs as high halves (rounded factors) and low halves (the
+// rounded remainders), whose sum carries a factor to about 2^-16 of its size.
 struct BackwardBlock {
   at::Tensor dots, feat_norm, row_norm, codes, position_weight;
   at::Tensor grad_loss, lse;   // in the accumulation dtype
   at::Tensor grad_for_feats;   // out: (nb, L, V) contiguous, dLoss/dcos / row_norm (0 on ignored rows)
   at::Tensor grad_for_rows;    // out: (nb, L, V) contiguous, dLoss/dcos / feat_norm
+  at::Tensor grad_for_feats_lo, grad_for_rows_lo;  // out: low halves, or undefined
   at::Tensor cos_dot;          // out: (nb, L), sum_v dLoss/dcos * cos
   double scale, m2, m3;
   int64_t ignore_index;
 };
-using BackwardRowStep = std::function<void(const BackwardBlock&)>;
+struct BackwardRowStep {
+  std::function<void(const BackwardBlock&)> run;
+  bool writes_halves;  // can write 16-bit halves; else the driver splits factors of the accumulation dtype
+};
 
 // block_elements bounds the dot products of one block (the backward keeps about four such tensors).
 std::tuple<at::Tensor, at::Tensor> gemm_code_ce_forward(

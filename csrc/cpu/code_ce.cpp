@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> code_ce_backward_cpu(
   check_backward_rows(grad_loss, lse, codes);
   check_code_values(codes, weight.size(1), ignore_index);
   return gemm_code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
-                               normalize, ignore_index, kBlockElements, backward_rows);
+                               normalize, ignore_index, kBlockElements, {backward_rows, /*writes_halves=*/false});
 }
 
 }  // namespace

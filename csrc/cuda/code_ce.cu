@@ -214,17 +214,19 @@ __device__ void small_v_dots(const SmallVArgs<scalar_t, acc_t>& a, const SmallVS
       sq = warp_sum(sq);
       if (lane == 0) sm.feat_sq[row] += sq;
     }
-    // kColumnsPerStep rows per warp step: their loads are all in flight before the first use.
-    for (int n0 = warp * kColumnsPerStep; n0 < sl.nc; n0 += kWarps * kColumnsPerStep) {
-      acc_t w[kColumnsPerStep][kPerLane];
+    // Several rows per warp step, their loads all in flight before the first use (half as many in
+    // float64, for registers).
+    constexpr int kRows = kColumnsPerStep * sizeof(float) / sizeof(acc_t);
+    for (int n0 = warp * kRows; n0 < sl.nc; n0 += kWarps * kRows) {
+      acc_t w[kRows][kPerLane];
 #pragma unroll
-      for (int c = 0; c < kColumnsPerStep; ++c) {
+      for (int c = 0; c < kRows; ++c) {
         if (n0 + c < sl.nc) {
           load_lane(a.weight + (sl.c0 + n0 + c) * a.D, d0 + lane * kPerLane, a.D, a.vectorized, w[c]);
         }
       }
 #pragma unroll
-      for (int c = 0; c < kColumnsPerStep; ++c) {
+      for (int c = 0; c < kRows; ++c) {
         const int n = n0 + c;
         if (n >= sl.nc) break;
         const int f = sl.feat_of(n, a.V);
@@ -547,10 +549,19 @@ __global__ void __launch_bounds__(kThreads) gemm_forward_rows_kernel(DotRows<T> 
   }
 }
 
-template <typename T>
+// A gradient factor as a GEMM operand of dtype O: the value rounded, and where lo is given, the rounded
+// remainder (see BackwardBlock in code_ce_gemm.h).
+template <typename T, typename O>
+__device__ __forceinline__ void store_operand(T value, O* hi, O* lo, int64_t i) {
+  const O high = static_cast<O>(value);
+  hi[i] = high;
+  if (lo) lo[i] = static_cast<O>(value - static_cast<T>(high));
+}
+
+template <typename T, typename O>
 __global__ void __launch_bounds__(kThreads)
-gemm_backward_rows_kernel(DotRows<T> a, const T* grad_loss, const T* lse, T* grad_for_feats,
-                          T* grad_for_rows, T* cos_dot) {
+gemm_backward_rows_kernel(DotRows<T> a, const T* grad_loss, const T* lse, O* grad_for_feats, O* grad_for_feats_lo,
+                          O* grad_for_rows, O* grad_for_rows_lo, T* cos_dot) {
   const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= a.rows) return;
@@ -565,8 +576,8 @@ gemm_backward_rows_kernel(DotRows<T> a, const T* grad_loss, const T* lse, T* gra
   for (int64_t v = lane; v < a.V; v += kWarp) {
     const T c = a.cos(dots, j, v, norm);
     const T g = tg.ignored ? T(0) : grad_cos(a.rp, c, tg.valid && v == tg.t, logit_t, dphi, lse[row], row_grad);
-    grad_for_feats[row * a.V + v] = a.feat_norm ? g / a.row_norm[j * a.V + v] : g;
-    grad_for_rows[row * a.V + v] = g / norm;
+    store_operand(a.feat_norm ? g / a.row_norm[j * a.V + v] : g, grad_for_feats, grad_for_feats_lo, row * a.V + v);
+    store_operand(g / norm, grad_for_rows, grad_for_rows_lo, row * a.V + v);
     dot += g * c;
   }
   dot = warp_sum(dot);
@@ -597,16 +608,32 @@ void forward_rows_cuda(const ForwardBlock& blk) {
   });
 }
 
+template <typename T, typename O>
+void launch_backward_rows_as(const DotRows<T>& a, const BackwardBlock& blk) {
+  const auto lo = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<O>() : nullptr; };
+  gemm_backward_rows_kernel<T, O><<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      a, blk.grad_loss.data_ptr<T>(), blk.lse.data_ptr<T>(), blk.grad_for_feats.data_ptr<O>(),
+      lo(blk.grad_for_feats_lo), blk.grad_for_rows.data_ptr<O>(), lo(blk.grad_for_rows_lo),
+      blk.cos_dot.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Gradient factors in T, or as 16-bit halves (16-bit inputs accumulate in float32).
+template <typename T>
+void launch_backward_rows(const DotRows<T>& a, const BackwardBlock& blk) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (blk.grad_for_feats.scalar_type() == at::kBFloat16) return launch_backward_rows_as<float, at::BFloat16>(a, blk);
+    if (blk.grad_for_feats.scalar_type() == at::kHalf) return launch_backward_rows_as<float, at::Half>(a, blk);
+  }
+  launch_backward_rows_as<T, T>(a, blk);
+}
+
 void backward_rows_cuda(const BackwardBlock& blk) {
   AT_DISPATCH_FLOATING_TYPES(blk.dots.scalar_type(), "code_ce_backward_rows_cuda", [&] {
     const auto a = dot_rows<scalar_t>(blk.dots, blk.feat_norm, blk.row_norm, blk.codes, blk.position_weight,
                                       blk.scale, blk.m2, blk.m3, blk.ignore_index);
     if (a.rows == 0) return;
-    gemm_backward_rows_kernel<scalar_t><<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        a, blk.grad_loss.data_ptr<scalar_t>(), blk.lse.data_ptr<scalar_t>(),
-        blk.grad_for_feats.data_ptr<scalar_t>(), blk.grad_for_rows.data_ptr<scalar_t>(),
-        blk.cos_dot.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_backward_rows(a, blk);
   });
 }
 
@@ -792,7 +819,8 @@ std::tuple<at::Tensor, at::Tensor> code_ce_backward_cuda(
                             normalize, ignore_index);
   }
   return gemm_code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
-                               normalize, ignore_index, kGemmBlockElements, backward_rows_cuda);
+                               normalize, ignore_index, kGemmBlockElements,
+                               {backward_rows_cuda, /*writes_halves=*/true});
 }
 
 }  // namespace
