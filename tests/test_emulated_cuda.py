@@ -84,6 +84,12 @@ def test_code_ce_reductions_and_raw_dots(ops, V):
     check_against_reference(emulated_code_ce(ops), inputs, reduction="sum", normalize=False, scale=2.0, m3=0.3)
 
 
+def test_code_ce_gemm_path_over_several_blocks(ops):
+    """B * L * V past the CUDA GEMM path's block of 2^26 cosines."""
+    inputs = make_inputs(1030, 1, 65600, 4, True, torch.float32, seed=34, arcface_fallback=False)
+    check_against_reference(emulated_code_ce(ops), inputs, reduction="sum", m3=0.4)
+
+
 @pytest.mark.parametrize("V", [16, 300])
 def test_out_of_range_codes_give_nan_rows(ops, V):
     """The CUDA host code cannot check codes without a host sync: a bad code's row is NaN, the rest exact."""
