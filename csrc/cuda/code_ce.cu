@@ -1,14 +1,16 @@
 // fused_code_ce on CUDA.
 //
-// Small V (V <= 64, the regime codes are made for): one pass over x per block of samples. A block
-// stages its samples' features in shared memory chunk by chunk, forms all L*V cosines (warp per
+// Small V (V <= 64, the regime codes are made for): one pass over x per block of samples and
+// positions (all L, or fewer where small batches would leave the device idle). A block stages its
+// samples' features in shared memory chunk by chunk, forms the cosines of its positions (warp per
 // weight row, 16-byte loads, shuffle reductions), then applies margin and logsumexp per row. The
-// backward recomputes the cosines, forms grad_x in the same block and leaves dLoss/dcos for a
-// grad_weight kernel that reduces over samples in fixed-size splits (per-block partials, then one
-// reduction in a fixed order): gradients are bitwise reproducible, with no global atomics.
+// backward recomputes the cosines, forms grad_x in the same block (in parts, one per position block,
+// for shared features split over positions) and leaves dLoss/dcos for a grad_weight kernel that
+// reduces over samples in fixed-size splits (per-block partials, then one reduction in a fixed order):
+// gradients are bitwise reproducible, with no global atomics.
 //
 // Larger V: the GEMM driver of code_ce_gemm.h (cuBLAS through ATen, bf16/fp16 on tensor cores) with
-// row kernels here.
+// row kernels here that write the gradient factors as the GEMMs' 16-bit operands.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>

@@ -22,6 +22,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -237,6 +238,8 @@ auto launch(Kernel* kernel, Size3 grid, Size3 threads, int64_t shared_bytes = 0,
   };
 }
 
+inline dim3 thread_index() { return unravel(block().current, block().block_dim); }
+
 template <typename T>
 T* dynamic_shared() {
   return reinterpret_cast<T*>(block().dynamic_shared.get());
@@ -244,7 +247,7 @@ T* dynamic_shared() {
 
 }  // namespace gif_emulated_cuda
 
-#define threadIdx (::gif_emulated_cuda::unravel(::gif_emulated_cuda::block().current, ::gif_emulated_cuda::block().block_dim))
+#define threadIdx (::gif_emulated_cuda::thread_index())
 #define blockIdx (::gif_emulated_cuda::block().block_index)
 #define blockDim (::gif_emulated_cuda::block().block_dim)
 #define gridDim (::gif_emulated_cuda::block().grid_dim)
@@ -272,7 +275,9 @@ inline float __int_as_float(int v) { return std::bit_cast<float>(v); }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int /*device*/) {
   switch (attribute) {
     case cudaDevAttrMultiProcessorCount: *value = gif_emulated_cuda::kMultiProcessors; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(gif_emulated_cuda::kSharedBytesOptin); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = int(gif_emulated_cuda::kSharedBytesOptin);
+      return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
