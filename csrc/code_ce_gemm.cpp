@@ -69,16 +69,8 @@ at::Tensor matmul_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType a
 // Gradient factors as GEMM operands: one tensor, or high and low halves (see BackwardBlock).
 using Parts = std::vector<at::Tensor>;
 
-// g (accumulation dtype) as GEMM operands of the given dtype: g itself, or its high and low halves.
-Parts operand_parts(const at::Tensor& g, at::ScalarType operand) {
-  if (g.scalar_type() == operand) return {g};
-  const at::Tensor hi = g.to(operand);
-  return {hi, (g - hi.to(g.scalar_type())).to(operand)};
-}
-
-// The factors the row step wrote as GEMM operands of dtype `operand`.
-Parts written_parts(const at::Tensor& factors, const at::Tensor& low_halves, at::ScalarType operand) {
-  return low_halves.defined() ? Parts{factors, low_halves} : operand_parts(factors, operand);
+Parts factor_parts(const at::Tensor& factors, const at::Tensor& low_halves) {
+  return low_halves.defined() ? Parts{factors, low_halves} : Parts{factors};
 }
 
 Parts map_parts(const Parts& parts, const std::function<at::Tensor(const at::Tensor&)>& view) {
@@ -169,12 +161,12 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
   const Operands o = operands(x, weight, position_weight, normalize);
   const bool shared = o.feats.size(1) == 1;
   const auto operand = o.rows.scalar_type();
-  const bool halves = operand != o.acc && row_step.writes_halves;
+  const bool halves = operand != o.acc;
   const at::Tensor codes64 = codes.to(at::kLong).contiguous();
   const at::Tensor grad_rows = grad_loss.to(o.acc).contiguous();
   const at::Tensor saved_lse = lse.to(o.acc).contiguous();
   const auto acc_options = o.position_weight.options();
-  const auto factor_options = acc_options.dtype(halves ? operand : o.acc);
+  const auto factor_options = acc_options.dtype(operand);
   at::Tensor grad_feats = at::empty({B, o.feats.size(1), D}, acc_options);
   at::Tensor grad_rows_acc = at::zeros({L, V, D}, acc_options);  // sum_b grad_for_rows_bv * feat_b
   const int64_t rows_per_block = block_rows(L, V, block_elements);
@@ -186,11 +178,11 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     at::Tensor rows_lo = halves ? at::empty({nb, L, V}, factor_options) : at::Tensor();
     at::Tensor feat_dot = at::empty({nb, L}, acc_options);
     const at::Tensor feat_norm = slice_or_undefined(o.feat_norm, b0, b1);
-    row_step.run({block_dots(o, b0, b1), feat_norm, o.row_norm, codes64.slice(0, b0, b1), o.position_weight,
-                  grad_rows.slice(0, b0, b1), saved_lse.slice(0, b0, b1), grad_for_feats, grad_for_rows,
-                  feats_lo, rows_lo, feat_dot, scale, m2, m3, ignore_index});
-    const Parts for_feats = written_parts(grad_for_feats, feats_lo, operand);
-    const Parts for_rows = written_parts(grad_for_rows, rows_lo, operand);
+    row_step({block_dots(o, b0, b1), feat_norm, o.row_norm, codes64.slice(0, b0, b1), o.position_weight,
+              grad_rows.slice(0, b0, b1), saved_lse.slice(0, b0, b1), grad_for_feats, grad_for_rows, feats_lo,
+              rows_lo, feat_dot, scale, m2, m3, ignore_index});
+    const Parts for_feats = factor_parts(grad_for_feats, feats_lo);
+    const Parts for_rows = factor_parts(grad_for_rows, rows_lo);
     const at::Tensor feats = o.feats.slice(0, b0, b1);
     at::Tensor grad_block = grad_feats.slice(0, b0, b1);
     if (shared) {

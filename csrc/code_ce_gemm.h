@@ -46,9 +46,9 @@ struct ForwardBlock {
 // Writes loss and lse of the block's rows.
 using ForwardRowStep = std::function<void(const ForwardBlock&)>;
 
-// The gradient factors are written as GEMM operands: in the accumulation dtype, or, where the _lo tensors
-// are defined, in the 16-bit dtype of the inputs as high halves (rounded factors) and low halves (the
-// rounded remainders), whose sum carries a factor to about 2^-16 of its size.
+// The gradient factors are written as GEMM operands: in the accumulation dtype, or, where the GEMMs take
+// 16-bit operands (the _lo tensors are then defined), in the inputs' dtype as high halves (rounded
+// factors) and low halves (the rounded remainders), whose sum carries a factor to about 2^-16 of its size.
 struct BackwardBlock {
   at::Tensor dots, feat_norm, row_norm, codes, position_weight;
   at::Tensor grad_loss, lse;   // in the accumulation dtype
@@ -59,10 +59,7 @@ struct BackwardBlock {
   double scale, m2, m3;
   int64_t ignore_index;
 };
-struct BackwardRowStep {
-  std::function<void(const BackwardBlock&)> run;
-  bool writes_halves;  // can write 16-bit halves; else the driver splits factors of the accumulation dtype
-};
+using BackwardRowStep = std::function<void(const BackwardBlock&)>;
 
 // block_elements bounds the dot products of one block (the backward keeps about four such tensors).
 std::tuple<at::Tensor, at::Tensor> gemm_code_ce_forward(

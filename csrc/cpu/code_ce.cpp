@@ -93,6 +93,8 @@ void forward_rows(const ForwardBlock& blk) {
 }
 
 void backward_rows(const BackwardBlock& blk) {
+  // The CPU has no GEMM of 16-bit operands with float32 output: factors stay in the accumulation dtype.
+  TORCH_INTERNAL_ASSERT(!blk.grad_for_feats_lo.defined(), "code_ce CPU rows: 16-bit GEMM operands");
   const int64_t nb = blk.dots.size(0), L = blk.dots.size(1), V = blk.dots.size(2);
   AT_DISPATCH_FLOATING_TYPES(blk.dots.scalar_type(), "code_ce_backward_rows", [&] {
     using Vec = Vectorized<scalar_t>;
@@ -174,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> code_ce_backward_cpu(
   check_backward_rows(grad_loss, lse, codes);
   check_code_values(codes, weight.size(1), ignore_index);
   return gemm_code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
-                               normalize, ignore_index, kBlockElements, {backward_rows, /*writes_halves=*/false});
+                               normalize, ignore_index, kBlockElements, backward_rows);
 }
 
 }  // namespace

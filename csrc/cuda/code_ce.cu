@@ -821,8 +821,7 @@ std::tuple<at::Tensor, at::Tensor> code_ce_backward_cuda(
                             normalize, ignore_index);
   }
   return gemm_code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
-                               normalize, ignore_index, kGemmBlockElements,
-                               {backward_rows_cuda, /*writes_halves=*/true});
+                               normalize, ignore_index, kGemmBlockElements, backward_rows_cuda);
 }
 
 }  // namespace
