@@ -13,7 +13,10 @@ parameters and inputs. The others say what they would need. All heads use normal
 and weights, scale 64 and CosFace margin 0.4.
 
     python bench/scale_ids.py --ids 10M
-    python bench/scale_ids.py --ids 1M,10M,100M --json out.json --csv out.csv --plot out.png
+    python bench/scale_ids.py --ids 1M,10M,100M --out results/big --threads 2
+
+The report (scale_ids.json, scale_ids.csv and, with matplotlib, scale_ids.png) goes to --out,
+by default a new folder under results/; the last line printed names it.
 """
 import argparse
 import csv
@@ -28,6 +31,7 @@ import statistics
 import sys
 import time
 from decimal import Decimal, DecimalException
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,8 @@ from tqdm import tqdm
 
 import gif_kernels
 from gif_kernels import reference
+from gif_kernels.cli import ArgumentParser
+from gif_kernels.tokenize import default_length
 from gif_kernels.train.heads import partial_fc_classes
 
 SCALE = 64.0
@@ -45,9 +51,11 @@ METHOD_KINDS = ("full", "partial", "eager", "compile", "fused")
 MAX_IDS = 10**12  # keeps the analytic figures finite and meaningful
 COUNT_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
 COUNT = re.compile(r"(\d+\.?\d*|\.\d+)(e[+-]?\d+)?([kmg]?)", re.IGNORECASE)
+BASELINE_KINDS = ("full", "partial")  # what a speedup is measured against
 RESULT_FIELDS = ("method", "ids", "length", "classes", "head_flops", "flops_ratio_vs_full",
                  "param_bytes", "grad_bytes", "optimizer_bytes", "state_bytes", "step_bytes_estimate",
-                 "time_ms", "timed_steps", "speedup_vs_full", "peak_extra_bytes", "skipped")
+                 "time_ms", "timed_steps", "speedup", "speedup_baseline", "peak_extra_bytes", "skipped")
+REPORT_NAME = "scale_ids"  # the report's files in --out: scale_ids.json, .csv, .png
 NOTES = {
     "head_flops": "the three matrix products of a C-class head, 6*B*D*C (logits, grad of the "
                   "features, grad of the weight); normalization, margin and softmax are O(B*C + C*D) "
@@ -58,6 +66,9 @@ NOTES = {
     "grad_bytes": "Partial FC indexes the full weight as insightface's partial_fc_v2 does, so "
                   "autograd returns a dense (N, D) gradient, zero outside the sampled rows",
     "optimizer_bytes": "SGD with momentum: one buffer the size of the parameters",
+    "flops_ratio_vs_full": "full softmax's head FLOPs over the row's: how many times fewer FLOPs",
+    "speedup": "the speedup_baseline's time over the row's time at the same N: full softmax where "
+               "it ran, else the fastest measured Partial FC",
     "time_ms": "median of the timed steps after warm-up; a step is forward + backward of the head "
                "alone (CUDA events on a GPU, perf_counter on the CPU), its gradients dropped after",
     "step_bytes_estimate": "what a measured step is expected to hold at its peak, parameters "
@@ -129,40 +140,33 @@ def positive_int(text):
     return value
 
 
-def code_length(num_ids, vocab):
-    """The smallest L with vocab**L >= num_ids."""
-    length, capacity = 1, vocab
-    while capacity < num_ids:
-        length, capacity = length + 1, capacity * vocab
-    return length
-
-
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--ids", type=comma_list(parse_count), default=[10**6, 10**7, 10**8],
-                        help="identity counts, e.g. 10M or 1M,10M,100M (also 1e7, 10000000)")
-    parser.add_argument("--batch", type=positive_int, default=512)
+                        help="identity counts, e.g. 10M or 1M,10M,100M (also 1e7, 10000000; default: 1M,10M,100M)")
+    parser.add_argument("--batch", type=positive_int, default=512, help="batch size B")
     parser.add_argument("--dim", type=positive_int, default=512, help="feature size D")
     parser.add_argument("--vocab", type=positive_int, default=16, help="code vocabulary V (>= 2)")
     parser.add_argument("--length", type=positive_int,
                         help="code length L (default: the smallest with V^L >= N)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--sample-rate", type=comma_list(parse_rate), default=[0.1, 0.3],
-                        help="Partial FC sample rates in (0, 1]")
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+                        help="Partial FC sample rates in (0, 1] (default: 0.1,0.3)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the steps run")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--methods", type=comma_list(parse_method_kind), default=list(METHOD_KINDS),
                         help=f"which methods to include (default: all of {','.join(METHOD_KINDS)})")
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed steps per row at most")
     parser.add_argument("--max-seconds", type=float, default=20.0,
                         help="stop timing a row after this many seconds of timed steps (at least one)")
     parser.add_argument("--max-memory-gb", type=float, default=16.0,
-                        help="on the CPU, run only steps that fit this much RAM in all (default 16)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--csv", help="write the results here")
-    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+                        help="on the CPU, run only steps that fit this much RAM in all")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    parser.add_argument("--out", help="folder for the report (default: a new results/scale_ids-DATE-TIME)")
+    parser.add_argument("--json", help="write the JSON report here instead of into --out")
+    parser.add_argument("--csv", help="write the CSV rows here instead of into --out")
+    parser.add_argument("--plot", help="write the PNG plot here instead of into --out (needs matplotlib)")
     return parser
 
 
@@ -178,11 +182,8 @@ def parse_args(argv=None):
                      f"{args.vocab ** args.length} codes, fewer than {args.ids[-1]} identities")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda is not available here")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error("argument --plot: needs matplotlib (pip install matplotlib)")
+    if args.plot and not has_matplotlib():
+        parser.error("argument --plot: needs matplotlib (pip install matplotlib)")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     return args
 
@@ -381,7 +382,7 @@ def run_row(row, method, args, compiled_loss):
 
 def analytic_row(method, num_ids, args):
     """A result row with the analytic figures filled in and the measured ones None."""
-    length = args.length or code_length(num_ids, args.vocab)
+    length = args.length or default_length(num_ids, args.vocab)
     classes = head_classes(method, num_ids, args.batch, args.vocab, length)
     elem_size = DTYPES[args.dtype].itemsize
     state = state_bytes(method, num_ids, classes, args.dim, elem_size)
@@ -393,16 +394,25 @@ def analytic_row(method, num_ids, args):
             **state, "state_bytes": sum(state.values()),
             "step_bytes_estimate": step_bytes_estimate(method, num_ids, classes, args.batch, args.dim,
                                                        length, elem_size),
-            "time_ms": None, "timed_steps": None, "speedup_vs_full": None,
+            "time_ms": None, "timed_steps": None, "speedup": None, "speedup_baseline": None,
             "peak_extra_bytes": None, "skipped": None}
 
 
-def add_speedups(results):
-    """Measured speedup of each row against full softmax at the same N, where both ran."""
-    full_ms = {row["ids"]: row["time_ms"] for row in results if row["method"] == FULL_SOFTMAX}
-    for row in results:
-        if full_ms.get(row["ids"]) is not None and row["time_ms"] is not None:
-            row["speedup_vs_full"] = full_ms[row["ids"]] / row["time_ms"]
+def add_speedups(results, methods):
+    """Measured speedup of each row at N against full softmax at N where it ran, else against the
+    fastest measured Partial FC at N (rows whose baseline did not run have none)."""
+    kinds = {method.name: method.kind for method in methods}
+    for num_ids in dict.fromkeys(row["ids"] for row in results):
+        rows = [row for row in results if row["ids"] == num_ids]
+        measured = [row for row in rows if row["time_ms"] is not None and kinds[row["method"]] in BASELINE_KINDS]
+        full = [row for row in measured if kinds[row["method"]] == "full"]
+        if not measured:
+            continue
+        baseline = full[0] if full else min(measured, key=lambda row: row["time_ms"])
+        for row in rows:
+            if row["time_ms"] is not None:
+                row["speedup"] = baseline["time_ms"] / row["time_ms"]
+                row["speedup_baseline"] = baseline["method"]
 
 
 def run_benchmark(args):
@@ -415,13 +425,13 @@ def run_benchmark(args):
     for (method, num_ids), row in progress:
         progress.set_postfix_str(f"{method.name}, {format_count(num_ids)} ids")
         run_row(row, method, args, compiled_loss)
-    add_speedups(results)
+    add_speedups(results, methods)
     device = (torch.cuda.get_device_name() if args.device == "cuda"
               else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads")
-    config = {key: value for key, value in vars(args).items() if key not in ("json", "csv", "plot")}
+    config = {key: value for key, value in vars(args).items() if key not in ("out", "json", "csv", "plot")}
     config.update(scale=SCALE, margin_m3=MARGIN, torch=torch.__version__,
                   build_info=gif_kernels.build_info(),
-                  lengths={str(n): args.length or code_length(n, args.vocab) for n in args.ids})
+                  lengths={str(n): args.length or default_length(n, args.vocab) for n in args.ids})
     return {"device": device, "config": config, "notes": NOTES, "results": results}
 
 
@@ -457,6 +467,17 @@ def format_ratio(value):
     return f"{value:,.0f}x" if value >= 100 else f"{value:.3g}x"
 
 
+def format_fewer(value):
+    """How many times fewer: 104167 -> '104,167x fewer'; 1 -> 'same'."""
+    return "same" if value == 1 else f"{format_ratio(value)} fewer"
+
+
+def format_speedup(row):
+    if row["speedup"] is None:
+        return "-"
+    return f"{format_ratio(row['speedup'])} vs {row['speedup_baseline']}"
+
+
 def format_table(results):
     header = ("method", "ids", "L", "classes", "head FLOPs", "FLOPs vs full", "params+grad+optim",
               "time", "speedup", "peak extra", "note")
@@ -465,9 +486,9 @@ def format_table(results):
         lines.append((row["method"], format_count(row["ids"]),
                       "-" if row["length"] is None else str(row["length"]),
                       format_count(row["classes"]), format_si(row["head_flops"], "FLOP"),
-                      format_ratio(row["flops_ratio_vs_full"]), format_si(row["state_bytes"], "B"),
+                      format_fewer(row["flops_ratio_vs_full"]), format_si(row["state_bytes"], "B"),
                       format_ms(row["time_ms"]),
-                      format_ratio(row["speedup_vs_full"]), format_si(row["peak_extra_bytes"], "B"),
+                      format_speedup(row), format_si(row["peak_extra_bytes"], "B"),
                       row["skipped"] or ""))
     widths = [max(len(line[col]) for line in lines) for col in range(len(header))]
     left_aligned = {0, len(header) - 1}
@@ -524,8 +545,28 @@ def write_plot(report, path):
     plt.close(figure)
 
 
+def has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def report_paths(args):
+    """{"json", "csv", "plot"}: each where --json / --csv / --plot say, else in the --out folder
+    (the plot only where matplotlib is installed)."""
+    out = Path(args.out or Path("results") / f"{REPORT_NAME}-{time.strftime('%Y%m%d-%H%M%S')}")
+    plot = args.plot or (out / f"{REPORT_NAME}.png" if has_matplotlib() else None)
+    return {"json": args.json or out / f"{REPORT_NAME}.json", "csv": args.csv or out / f"{REPORT_NAME}.csv",
+            "plot": plot}
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = report_paths(args)
     report = run_benchmark(args)
     config = report["config"]
     print(f"head step (forward + backward) on {report['device']}: batch {config['batch']}, "
@@ -535,13 +576,18 @@ def main(argv=None):
     print(format_table(report["results"]))
     if args.device == "cpu":
         print("peak extra: measured on CUDA only (PyTorch keeps no allocator statistics for CPU tensors)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.csv:
-        write_csv(report["results"], args.csv)
-    if args.plot:
-        write_plot(report, args.plot)
+    for path in paths.values():
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(paths["json"], "w") as f:
+        json.dump(report, f, indent=2)
+    write_csv(report["results"], paths["csv"])
+    if paths["plot"] is not None:
+        write_plot(report, paths["plot"])
+    written = [str(path) for path in paths.values() if path is not None]
+    folders = sorted({str(Path(path).parent) for path in written})
+    print(f"wrote {', '.join(Path(path).name for path in written)} to {', '.join(folders)}"
+          + ("" if paths["plot"] else " (no plot: pip install matplotlib)"))
 
 
 if __name__ == "__main__":

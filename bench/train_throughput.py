@@ -34,10 +34,10 @@ import torch
 
 import gif_kernels
 from gif_kernels.head import CodeHead
-from gif_kernels.tokenize import tokenize
+from gif_kernels.tokenize import default_length, tokenize
 from gif_kernels.train.backbones import BACKBONES, build_backbone
 from gif_kernels.train.heads import FullSoftmaxHead, PartialFCHead
-from scale_ids import (code_length, comma_list, format_count, format_si, free_bytes, is_out_of_memory,
+from scale_ids import (comma_list, format_count, format_si, free_bytes, is_out_of_memory,
                        parse_count, parse_rate, positive_int, release_memory)
 
 HEADS = ("gif", "full", "partial_fc")
@@ -173,7 +173,7 @@ def new_row(head, ids=None, length=None, classes=None, param_bytes=None):
 
 def head_row(kind, num_ids, backbone, images, extra_bytes, args):
     """One row; extra_bytes is what the backbone's step holds beyond what stays allocated."""
-    length = code_length(num_ids, args.vocab) if kind == "gif" else None
+    length = default_length(num_ids, args.vocab) if kind == "gif" else None
     torch.manual_seed(0)
     labels = torch.randint(0, num_ids, (args.batch,), device=args.device)
     if kind == "gif":

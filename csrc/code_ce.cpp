@@ -40,7 +40,7 @@ void check_code_ce_inputs(const at::Tensor& x, const at::Tensor& weight, const a
     TORCH_CHECK_VALUE(pw.device() == x.device(), "position_weight: expected device ", x.device(),
                       ", got ", pw.device());
   }
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale: expected a finite number > 0, got ", scale);
   TORCH_CHECK_VALUE(std::isfinite(m2) && m2 >= 0.0 && m2 <= M_PI, "m2: expected a finite angle in [0, pi], got ", m2);
   TORCH_CHECK_VALUE(std::isfinite(m3), "m3: expected a finite number, got ", m3);
   TORCH_CHECK_VALUE(normalize || m2 == 0.0, "m2: must be 0 when normalize=False (an angular margin needs cosines), got ", m2);

@@ -13,7 +13,7 @@ from torch import nn
 from .codebook import CodeBook
 from .constants import NORM_EPS
 from .decode import code_beam_search
-from .ops import BACKENDS, fused_code_ce
+from .ops import BACKENDS, check_scale, fused_code_ce
 
 # The margin of each kind when m is not given (insightface's ArcFace and CosFace defaults).
 DEFAULT_MARGINS = {"cosface": 0.4, "arcface": 0.5, "none": 0.0}
@@ -57,8 +57,7 @@ class CodeHead(nn.Module):
         for name, value in (("feature_dim", feature_dim), ("proj_dim", proj_dim)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale: expected a finite number > 0, got {scale}")
+        check_scale(scale)
         if not math.isfinite(gamma) or gamma < 0:
             raise ValueError(f"gamma: expected a finite number >= 0, got {gamma}")
         if backend not in BACKENDS:

@@ -15,6 +15,12 @@ REDUCTIONS = ("none", "sum", "mean")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def check_scale(scale):
+    """The logits' scale s must be finite and > 0 (s <= 0 inverts or flattens every softmax)."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
+
+
 def _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normalize, reduction):
     """Shape, dtype and argument checks; they read metadata only, so they also run on fake tensors."""
     if weight.dim() != 3:
@@ -44,8 +50,7 @@ def _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normal
             raise TypeError(f"position_weight: expected a float dtype, got {position_weight.dtype}")
         if position_weight.device != x.device:
             raise ValueError(f"position_weight: expected device {x.device}, got {position_weight.device}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite number, got {scale}")
+    check_scale(scale)
     if not (math.isfinite(m2) and 0.0 <= m2 <= math.pi):
         raise ValueError(f"m2: expected a finite angle in [0, pi], got {m2}")
     if not math.isfinite(m3):
@@ -93,8 +98,9 @@ def _resolve_backend(backend: str, device: torch.device, num_tokens: int, determ
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend: {backend!r} needs {backend} tensors, got tensors on {device}")
     if backend == "cuda" and not has_cuda_kernels():
-        raise RuntimeError("backend: 'cuda' needs the CUDA kernels, but gif_kernels._C was built "
-                           "without CUDA (see gif_kernels.build_info())")
+        raise RuntimeError("backend: 'cuda' needs the CUDA kernels, but gif_kernels._C was built without "
+                           "them (gif_kernels.build_info()['cuda'] is False); rebuild where a GPU is visible, "
+                           "or name its architecture: TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .")
     if backend == "triton":
         _require_triton(device)
     return backend

@@ -167,6 +167,8 @@ def _bad_calls():
         "weight_rank": (dict(weight=w[0]), "weight", ValueError),
         "scale_inf": (dict(scale=float("inf")), "scale", ValueError),
         "scale_nan": (dict(scale=float("nan")), "scale", ValueError),
+        "scale_zero": (dict(scale=0), "scale", ValueError),
+        "scale_negative": (dict(scale=-64.0), "scale", ValueError),
         "reduction": (dict(reduction="avg"), "reduction", ValueError),
         "m2_unnormalized": (dict(m2=0.5, normalize=False), "m2", ValueError),
         "position_weight_shape": (dict(position_weight=torch.ones(2)), "position_weight", ValueError),

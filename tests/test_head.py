@@ -113,6 +113,9 @@ def test_bad_input_names_the_argument():
         head(features[:, :-1], labels)
     with pytest.raises(ValueError, match="margin"):
         CodeHead(11, book, margin="sphereface")
+    for scale in (0.0, -64.0, float("nan")):
+        with pytest.raises(ValueError, match="scale: expected a finite number > 0"):
+            CodeHead(11, book, scale=scale)
     with pytest.raises(ValueError, match="m: margin 'none'"):
         CodeHead(11, book, margin="none", m=0.2)
     with pytest.raises(ValueError, match="anchor_vectors"):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "scale_ids.py"
 spec = importlib.util.spec_from_file_location("scale_ids", SCRIPT)
@@ -65,12 +66,6 @@ def test_device_dependent_defaults():
     assert scale_ids.parse_args(["--ids", "10M", "--length", "6"]).length == 6
 
 
-@pytest.mark.parametrize("num_ids,vocab,length", [(1, 16, 1), (16, 16, 1), (17, 16, 2), (10**7, 16, 6),
-                                                  (16**6, 16, 6), (16**6 + 1, 16, 7), (100, 4, 4)])
-def test_code_length(num_ids, vocab, length):
-    assert scale_ids.code_length(num_ids, vocab) == length
-
-
 def test_analytic_model_against_a_hand_count():
     # B = 4, D = 8, N = 100, V = 4 -> L = 4 (4^4 = 256 >= 100), float32.
     args = scale_ids.parse_args(["--ids", "100", "--batch", "4", "--dim", "8", "--vocab", "4",
@@ -118,7 +113,8 @@ def test_tiny_run_writes_json_csv_and_png(tmp_path, capsys):
         assert set(row) == set(scale_ids.RESULT_FIELDS)
         assert row["skipped"] is None and row["time_ms"] > 0 and row["head_flops"] > 0
         assert row["param_bytes"] > 0 and row["peak_extra_bytes"] is None  # not measured on the CPU
-        assert row["speedup_vs_full"] == pytest.approx(
+        assert row["speedup_baseline"] == "full softmax"
+        assert row["speedup"] == pytest.approx(
             next(r["time_ms"] for r in results if r["ids"] == row["ids"] and r["method"] == "full softmax")
             / row["time_ms"])
 
@@ -130,9 +126,37 @@ def test_tiny_run_writes_json_csv_and_png(tmp_path, capsys):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_speedup_against_the_fastest_partial_fc_where_full_softmax_did_not_run():
+    methods = [scale_ids.Method("full softmax", "full"), scale_ids.Method("partial fc 10%", "partial", rate=0.1),
+               scale_ids.Method("partial fc 30%", "partial", rate=0.3), scale_ids.Method("fused cpu", "fused")]
+    times = {"full softmax": None, "partial fc 10%": 8.0, "partial fc 30%": 20.0, "fused cpu": 2.0}
+    results = [{"method": name, "ids": 10**7, "time_ms": ms, "speedup": None, "speedup_baseline": None}
+               for name, ms in times.items()]
+    scale_ids.add_speedups(results, methods)
+    assert [(row["speedup"], row["speedup_baseline"]) for row in results] == [
+        (None, None), (1.0, "partial fc 10%"), (0.4, "partial fc 10%"), (4.0, "partial fc 10%")]
+    assert scale_ids.format_speedup(results[3]) == "4x vs partial fc 10%"
+    assert scale_ids.format_fewer(104_166.7) == "104,167x fewer" and scale_ids.format_fewer(1) == "same"
+
+
+def test_report_goes_to_a_results_folder_named_on_the_last_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        scale_ids.main(TINY + ["--methods", "fused", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    folder = re.fullmatch(r"wrote scale_ids\.json, scale_ids\.csv(, scale_ids\.png)? to (\S+)( \(no plot.*\))?", last)
+    assert folder, last
+    written = sorted(path.name for path in (tmp_path / folder[2]).iterdir())
+    assert written == sorted(["scale_ids.json", "scale_ids.csv"] + (["scale_ids.png"] if folder[1] else []))
+    assert json.loads((tmp_path / folder[2] / "scale_ids.json").read_text())["config"]["threads"] == 1
+
+
 def test_rows_that_do_not_fit_are_skipped_with_the_analytic_figures_kept(tmp_path):
-    out = tmp_path / "out.json"
-    scale_ids.main(TINY + ["--methods", "full,fused", "--max-memory-gb", "0.001", "--json", str(out)])
+    out = tmp_path / "scale_ids.json"
+    scale_ids.main(TINY + ["--methods", "full,fused", "--max-memory-gb", "0.001", "--out", str(tmp_path)])
     results = json.loads(out.read_text())["results"]
     assert len(results) == 4
     for row in results:

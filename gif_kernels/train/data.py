@@ -49,16 +49,16 @@ def load_data(spec: str, ids: int | None = None, image_size: int = 112,
     """
     kind, _, path = spec.partition(":")
     if kind not in DATA_KINDS or (kind == "synthetic") != (path == ""):  # a path for all but synthetic
-        raise ValueError(f"data must be 'synthetic', 'imagefolder:PATH', 'recordio:PATH' or "
+        raise ValueError(f"data: expected 'synthetic', 'imagefolder:PATH', 'recordio:PATH' or "
                          f"'features:PATH', got {spec!r}")
     if ids is not None and ids < 1:
-        raise ValueError(f"ids must be >= 1, got {ids}")
+        raise ValueError(f"ids: expected an integer >= 1, got {ids}")
     if image_size < 16:
-        raise ValueError(f"image_size must be >= 16, got {image_size}")
+        raise ValueError(f"image_size: expected an integer >= 16, got {image_size}")
     if holdout_per_id < 0:
-        raise ValueError(f"holdout_per_id must be >= 0, got {holdout_per_id}")
+        raise ValueError(f"holdout_per_id: expected an integer >= 0, got {holdout_per_id}")
     if verify_ids is not None and verify_ids < 0:
-        raise ValueError(f"verify_ids must be >= 0, got {verify_ids}")
+        raise ValueError(f"verify_ids: expected an integer >= 0, got {verify_ids}")
     if kind == "synthetic":
         return _synthetic_splits(100 if ids is None else ids, image_size, images_per_id,
                                  holdout_per_id, verify_ids, seed)
@@ -295,7 +295,7 @@ class _SyntheticFaces(Dataset):
 
 def _synthetic_splits(ids, image_size, images_per_id, holdout_per_id, verify_ids, seed) -> Splits:
     if images_per_id < 1:
-        raise ValueError(f"images_per_id must be >= 1, got {images_per_id}")
+        raise ValueError(f"images_per_id: expected an integer >= 1, got {images_per_id}")
     if verify_ids is None:
         verify_ids = max(20, ids // 5)
     renderer = _FaceRenderer(seed, image_size)
@@ -320,13 +320,13 @@ def _split(inputs: Dataset, identity: np.ndarray, names: list, ids: int | None, 
     if verify_ids is None:
         verify_ids = max(2, num_identities // 10) if num_identities >= 4 else 0
     if verify_ids >= num_identities:
-        raise ValueError(f"verify_ids={verify_ids} leaves none of the {num_identities} identities "
+        raise ValueError(f"verify_ids: {verify_ids} leaves none of the {num_identities} identities "
                          f"to train on")
     shuffled = torch.randperm(num_identities, generator=torch.Generator().manual_seed(seed)).numpy()
     verify = np.sort(shuffled[:verify_ids])
     trainable = shuffled[verify_ids:]
     if ids is not None and ids > len(trainable):
-        raise ValueError(f"ids={ids} but only {len(trainable)} of the {num_identities} identities "
+        raise ValueError(f"ids: {ids}, but only {len(trainable)} of the {num_identities} identities "
                          f"are left after verify_ids={verify_ids}")
     train = np.sort(trainable[:ids])
 

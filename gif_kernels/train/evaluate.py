@@ -7,7 +7,6 @@
 
     python -m gif_kernels.train.evaluate OUT/checkpoint-S.safetensors [--out DIR]
 """
-import argparse
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cli import ArgumentParser, one_line_errors
 from ..constants import NORM_EPS
 from . import checkpoint
 from .model import embed
@@ -98,33 +98,40 @@ def evaluate(model, splits, device, beam: int = 32, workers: int = 0, seed: int 
 
 
 def write_metrics(directory, metrics: dict) -> Path:
+    """Merge `metrics` into directory/metrics.json (keys it does not name are kept), atomically."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     path = Path(directory) / "metrics.json"
+    merged = {**(json.loads(path.read_text()) if path.exists() else {}), **metrics}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m gif_kernels.train.evaluate",
-                                     description="Evaluate a checkpoint of the reference trainer.")
+    parser = ArgumentParser(prog="python -m gif_kernels.train.evaluate",
+                            description="Evaluate a checkpoint of the reference trainer.")
     parser.add_argument("checkpoint", help="a checkpoint-S.safetensors file, or the run's output folder (its newest)")
     parser.add_argument("--out", help="folder for metrics.json (default: the checkpoint's folder)")
     parser.add_argument("--beam", type=int, help="beam width of identify() (default: the run's --eval-beam)")
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     args = parser.parse_args(argv)
-    from .trainer import restore_for_evaluation
+    from .trainer import restore_for_evaluation, run_description
     path = Path(args.checkpoint)
-    saved = checkpoint.load_latest(path) if path.is_dir() else {**checkpoint.load(path), "path": path}
-    if saved is None:
-        parser.error(f"checkpoint: no checkpoint in {path}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, splits, run = restore_for_evaluation(saved, Path(saved["path"]).parent, device)
-    metrics = evaluate(model, splits, device, args.beam or run["eval_beam"], args.workers, run["seed"])
-    metrics.update(head=run["head"], steps=saved["step"], images_per_s=saved["stats"].get("images_per_s"))
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    print(f"wrote {write_metrics(args.out or Path(saved['path']).parent, metrics)}")
+    if args.beam is not None and args.beam < 1:
+        parser.error(f"--beam: expected an integer >= 1, got {args.beam}")
+    with one_line_errors():
+        if not path.exists():
+            raise ValueError(f"checkpoint: {path} does not exist")
+        saved = checkpoint.load_latest(path) if path.is_dir() else {**checkpoint.load(path), "path": path}
+        if saved is None:
+            raise ValueError(f"checkpoint: no checkpoint in {path}")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, splits, run, codebook = restore_for_evaluation(saved, Path(saved["path"]).parent, device)
+        metrics = evaluate(model, splits, device, args.beam or run["eval_beam"], args.workers, run["seed"])
+        metrics.update(run_description(run, splits.num_ids, codebook, saved["step"], saved["stats"]))
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+        print(f"wrote {write_metrics(args.out or Path(saved['path']).parent, metrics)}")
 
 
 if __name__ == "__main__":

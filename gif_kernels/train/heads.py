@@ -11,6 +11,7 @@ from torch import nn
 from .. import reference
 from ..constants import NORM_EPS
 from ..head import CodeHead, margin_args
+from ..ops import check_scale
 
 HEADS = ("gif", "full", "partial_fc")
 
@@ -36,6 +37,7 @@ class FullSoftmaxHead(nn.Module):
                  m: float | None = None):
         super().__init__()
         self.m2, self.m3 = margin_args(margin, m)
+        check_scale(scale)
         self.scale = float(scale)
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_ids, feature_dim)))
 

@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..cli import ArgumentParser, one_line_errors
 from ..codebook import CodeBook
 from ..head import DEFAULT_MARGINS
-from ..ops import BACKENDS
+from ..ops import BACKENDS, check_scale
 from ..tokenize import METHODS
 from . import checkpoint
 from .backbones import BACKBONES
@@ -45,8 +47,7 @@ RESUME_KEYS = ("data", "ids", "images_per_id", "holdout_per_id", "verify_ids", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gif_kernels.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m gif_kernels.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder: checkpoints, codes, log.csv, metrics.json")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     data = p.add_argument_group("data")
@@ -64,18 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--backbone", default="auto", choices=("auto",) + BACKBONES,
                        help="auto: iresnet50 on a GPU, cnn on the CPU (unused for features data)")
-    model.add_argument("--embedding-dim", type=int, default=512)
-    model.add_argument("--head", default="gif", choices=HEADS)
+    model.add_argument("--embedding-dim", type=int, default=512, help="width of the backbone's embeddings")
+    model.add_argument("--head", default="gif", choices=HEADS, help="gif: the code head; full / partial_fc to compare")
     model.add_argument("--sample-rate", type=float, default=0.1, help="partial_fc: fraction of classes per step")
-    model.add_argument("--margin", default="cosface", choices=tuple(DEFAULT_MARGINS))
+    model.add_argument("--margin", default="cosface", choices=tuple(DEFAULT_MARGINS), help="margin kind")
     model.add_argument("--m", type=float, help="margin (default: 0.4 cosface, 0.5 arcface)")
-    model.add_argument("--scale", type=float, default=64.0)
+    model.add_argument("--scale", type=float, default=64.0, help="logit scale s, > 0")
     model.add_argument("--backend", default="auto", choices=BACKENDS, help="code head kernels")
     codes = p.add_argument_group("codes (gif head)")
     codes.add_argument("--codes", help="a CodeBook file (python -m gif_kernels.tokenize); else built at start")
-    codes.add_argument("--vocab", type=int, default=16)
+    codes.add_argument("--vocab", type=int, default=16, help="tokens per code position, V")
     codes.add_argument("--length", type=int, help="default: smallest L with vocab**L >= ids")
-    codes.add_argument("--code-method", default="kmeans", choices=METHODS)
+    codes.add_argument("--code-method", default="kmeans", choices=METHODS, help="how codes are assigned")
     codes.add_argument("--identity-vectors", help=".npy (N, D) identity vectors to build codes from "
                                                   "(default: mean features of the initial backbone)")
     codes.add_argument("--spread-steps", type=int, default=0, help="uniformity steps on the vectors first")
@@ -84,18 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight of L_AR toward the identity vectors (needs them at the features' width)")
     codes.add_argument("--eval-beam", type=int, default=32, help="beam width of identification")
     optim = p.add_argument_group("optimization")
-    optim.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
-    optim.add_argument("--lr", type=float, default=0.002)
+    optim.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="optimizer")
+    optim.add_argument("--lr", type=float, default=0.002, help="peak learning rate")
     optim.add_argument("--momentum", type=float, default=0.9, help="sgd")
-    optim.add_argument("--weight-decay", type=float, default=0.05)
+    optim.add_argument("--weight-decay", type=float, default=0.05, help="weight decay")
     optim.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warmup")
-    optim.add_argument("--epochs", type=float, default=8)
+    optim.add_argument("--epochs", type=float, default=8, help="passes over the training images")
     optim.add_argument("--steps", type=int, help="total steps (overrides --epochs)")
     optim.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes")
     optim.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0: off)")
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--seed", type=int, default=0, help="seed of data splits, initial weights and order")
     optim.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    optim.add_argument("--log-every", type=int, default=20)
+    optim.add_argument("--log-every", type=int, default=20, help="steps between log.csv rows")
     return p
 
 
@@ -109,11 +110,15 @@ def parse_run(argv=None) -> dict:
         run["backbone"] = "iresnet50" if torch.cuda.is_available() else "cnn"
     if run["image_size"] is None:
         run["image_size"] = 64 if run["data"] == "synthetic" and run["backbone"] == "cnn" else 112
-    for key in ("ids", "verify_ids", "length", "proj_dim", "steps"):
-        if run[key] is not None and run[key] < (0 if key == "verify_ids" else 1):
-            parser.error(f"--{key.replace('_', '-')}: expected a positive integer, got {run[key]}")
-    if run["batch_size"] < 1 or run["checkpoint_every"] < 1 or run["log_every"] < 1:
-        parser.error("--batch-size, --checkpoint-every and --log-every must be >= 1")
+    minimums = {"ids": 1, "verify_ids": 0, "length": 1, "proj_dim": 1, "steps": 1, "batch_size": 1,
+                "checkpoint_every": 1, "log_every": 1}
+    for key, minimum in minimums.items():
+        if run[key] is not None and run[key] < minimum:
+            parser.error(f"--{key.replace('_', '-')}: expected an integer >= {minimum}, got {run[key]}")
+    try:
+        check_scale(run["scale"])
+    except ValueError as error:
+        parser.error(f"--{error}")
     return run
 
 
@@ -169,14 +174,14 @@ def prepare_codes(run: dict, out: Path, backbone, splits, device, rank: int, wor
 
 
 def restore_for_evaluation(saved: dict, out: Path, device):
-    """(model with the checkpoint's weights, data splits, run arguments) of a saved checkpoint."""
+    """(model with the checkpoint's weights, data splits, run arguments, CodeBook or None) of a saved checkpoint."""
     run = saved["run"]
     splits = load_splits(run)
     backbone, feature_dim = build_backbone_for(run, splits.input_shape)
     codebook = CodeBook.load(out / CODES_FILE) if run["head"] == "gif" else None
     model = build_model(run, backbone, feature_dim, splits.num_ids, codebook)
     model.load_state_dict(saved["model"], strict=False)  # without anchors: L_AR is training-only
-    return model.to(device), splits, run
+    return model.to(device), splits, run, codebook
 
 
 def resumed_run(run: dict, saved: dict) -> dict:
@@ -217,29 +222,30 @@ class Log:
             self.writer.close()
 
 
-def train(run: dict) -> dict | None:
-    """Train, checkpoint and evaluate as `run` (parse_run's dict) says; rank 0 returns the metrics."""
-    rank, world, device = setup_distributed()
-    out = Path(run["out"])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(world)
-    saved = checkpoint.load_latest(out) if run["resume"] else None
-    if saved is not None:
+def start_or_resume(run: dict, out: Path, world: int) -> tuple[dict, dict | None]:
+    """(the run's arguments, the checkpoint it resumes or None); refuses what cannot go on."""
+    if run["resume"]:
+        saved = checkpoint.load_latest(out)
+        if saved is None:
+            raise ValueError(f"--resume: no checkpoint in {out} to resume; drop --resume to start a new run")
         run = resumed_run(run, saved)
-    elif checkpoint.checkpoints(out):
-        raise ValueError(f"out: {out} already holds checkpoints; pass --resume to continue, or another --out")
+    else:
+        saved = None
+        if checkpoint.checkpoints(out):
+            raise ValueError(f"--out: {out} already holds checkpoints; pass --resume to continue, or another --out")
     if run["batch_size"] % world:
-        raise ValueError(f"batch_size: {run['batch_size']} does not split over {world} processes")
-    batch = run["batch_size"] // world
+        raise ValueError(f"--batch-size: {run['batch_size']} does not split over {world} processes")
+    return run, saved
 
-    splits = load_splits(run)
-    torch.manual_seed(run["seed"])  # the same initial weights in every process
+
+def build_training(run: dict, out: Path, splits, device, rank: int, world: int):
+    """(model, optimizer, codebook or None) on `device`, with the same initial weights in every process."""
+    torch.manual_seed(run["seed"])
     backbone, feature_dim = build_backbone_for(run, splits.input_shape)
     backbone.to(device)
     codebook, anchors = prepare_codes(run, out, backbone, splits, device, rank, world)
     if anchors is not None and anchors.shape[1] != feature_dim:
-        raise ValueError(f"gamma: L_AR needs identity vectors of the features' width {feature_dim}, got "
+        raise ValueError(f"--gamma: L_AR needs identity vectors of the features' width {feature_dim}, got "
                          f"{anchors.shape[1]}; pass --gamma 0 or vectors of that width")
     model = build_model(run, backbone, feature_dim, splits.num_ids, codebook,
                         anchors.to(device) if anchors is not None and device.type == "cuda" else anchors)
@@ -249,28 +255,31 @@ def train(run: dict) -> dict | None:
                                     weight_decay=run["weight_decay"])
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=run["lr"], weight_decay=run["weight_decay"])
-    step = 0
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        step = saved["step"]
-        if rank == 0:
-            print(f"resumed from step {step} ({saved['path']})", flush=True)
-    step_model = DistributedDataParallel(model) if world > 1 else model
+    return model, optimizer, codebook
 
+
+def run_description(run: dict, num_ids: int, codebook: CodeBook | None, step: int, stats: dict) -> dict:
+    """The keys of metrics.json that say what was measured (beside the measurements)."""
+    description = {"head": run["head"], "steps": step, "images_per_s": stats.get("images_per_s"),
+                   "backbone": run["backbone"], "num_ids": num_ids, "processes": stats.get("processes")}
+    if codebook is not None:
+        description.update(code_length=codebook.length, vocab=codebook.vocab)
+    return description
+
+
+def train_steps(run: dict, out: Path, model, optimizer, splits, device, rank: int, world: int,
+                step: int, total: int, per_epoch: int, stats: dict) -> int:
+    """Train from `step` to `total` (per_epoch steps an epoch), logging and checkpointing; returns the last step."""
+    batch = run["batch_size"] // world
+    step_model = DistributedDataParallel(model) if world > 1 else model
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=run["seed"],
                                  drop_last=True)
-    per_epoch = len(sampler) // batch
-    if per_epoch == 0:
-        raise ValueError(f"batch_size: {run['batch_size']} is more than the {len(splits.train)} training images")
-    total = run["steps"] or max(1, round(run["epochs"] * per_epoch))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     log = Log(out) if rank == 0 else None
     progress = None
     if rank == 0:
         from tqdm import tqdm
         progress = tqdm(total=total, initial=step, desc=f"train {run['head']}", unit="step", dynamic_ncols=True)
-    stats = dict(saved["stats"]) if saved is not None else {}
     timed_images, timed_seconds, last = 0, 0.0, None
     while step < total:
         epoch, offset = divmod(step, per_epoch)
@@ -312,16 +321,48 @@ def train(run: dict) -> dict | None:
             if step >= total:
                 break
         last = None
-
-    metrics = None
     if rank == 0:
         progress.close()
         log.close()
+    return step
+
+
+def train(run: dict) -> dict | None:
+    """Train, checkpoint and evaluate as `run` (parse_run's dict) says; rank 0 returns the metrics.
+
+    Bad arguments and data raise ValueError (or OSError) before anything is written; an output
+    folder that this call created is removed again if setting up the run fails."""
+    rank, world, device = setup_distributed()
+    out = Path(run["out"])
+    run, saved = start_or_resume(run, out, world)
+    splits = load_splits(run)
+    per_epoch = len(splits.train) // world // (run["batch_size"] // world)  # DistributedSampler drops the rest
+    if per_epoch == 0:
+        raise ValueError(f"--batch-size: {run['batch_size']} is more than the {len(splits.train)} training images")
+    created = rank == 0 and not out.exists()
+    try:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        barrier(world)
+        model, optimizer, codebook = build_training(run, out, splits, device, rank, world)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    step, stats = 0, {"processes": world}
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        step, stats = saved["step"], {**saved["stats"], "processes": world}
+        if rank == 0:
+            print(f"resumed from step {step} ({saved['path']})", flush=True)
+    total = run["steps"] or max(1, round(run["epochs"] * per_epoch))
+    step = train_steps(run, out, model, optimizer, splits, device, rank, world, step, total, per_epoch, stats)
+
+    metrics = None
+    if rank == 0:
         metrics = evaluate(model, splits, device, run["eval_beam"], run["workers"], run["seed"])
-        metrics.update(head=run["head"], steps=step, images_per_s=stats.get("images_per_s"),
-                       backbone=run["backbone"], num_ids=splits.num_ids, processes=world)
-        if codebook is not None:
-            metrics.update(code_length=codebook.length, vocab=codebook.vocab)
+        metrics.update(run_description(run, splits.num_ids, codebook, step, stats))
         write_metrics(out, metrics)
         print(json.dumps(metrics, sort_keys=True), flush=True)
     barrier(world)
@@ -331,4 +372,6 @@ def train(run: dict) -> dict | None:
 
 
 def main(argv=None):
-    train(parse_run(argv))
+    run = parse_run(argv)
+    with one_line_errors():
+        train(run)
