@@ -90,12 +90,12 @@ def cuda_archs():
                             for major, minor, suffix in re.findall(r"code=sm_(\d+)(\d)(a?)", flags)}))
 
 
-def extension(environ=os.environ):
-    """(the extension to build, the line saying which and why)."""
+def extension():
+    """(the extension to build, the line saying which and why), as the environment says."""
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) + ["python/bindings.cpp"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     gpu_count = torch.cuda.device_count() if torch.version.cuda is not None else 0
-    toolkit, reason = choose_build(environ, torch.version.cuda, gpu_count)
+    toolkit, reason = choose_build(os.environ, torch.version.cuda, gpu_count)
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     cxx = ["-O3", "-std=c++20"] + openmp
     if toolkit is None:

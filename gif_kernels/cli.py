@@ -26,7 +26,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        # `is`, not `in`: a default of 0 equals False and is still shown.
+        if "default" in text or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 

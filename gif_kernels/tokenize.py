@@ -9,6 +9,7 @@ vectors before tokenizing. Everything is batched torch, so it runs on CPU or CUD
 """
 import math
 import numbers
+import os
 import time
 
 import numpy as np
@@ -411,6 +412,9 @@ def main(argv=None):
     with cli.one_line_errors():
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device: {args.device} is not available here")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--out: folder {folder} does not exist")
         vectors = load_vectors(args.vectors, args.device)
         if args.spread_steps:
             start = time.perf_counter()
@@ -419,10 +423,7 @@ def main(argv=None):
         start = time.perf_counter()
         codes = tokenize(vectors, args.vocab, args.length, args.method, seed=args.seed, progress=args.progress)
         print(f"tokenize: method {args.method}, {time.perf_counter() - start:.1f} s")
-        try:
-            CodeBook(codes, args.vocab).save(args.out)
-        except OSError as error:
-            raise ValueError(f"--out: cannot write {args.out}: {error}") from None
+        CodeBook(codes, args.vocab).save(args.out)
     print(f"saved {args.out}")
     print(format_summary(summary(vectors, codes, args.vocab, seed=args.seed)))
 
