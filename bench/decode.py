@@ -26,6 +26,7 @@ import torch
 
 import gif_kernels
 from gif_kernels import CodeBook, code_beam_search, exhaustive_code_topk
+from gif_kernels.cli import ArgumentParser
 
 BRUTE_FORCE_BLOCK = 1 << 20  # identity vectors held at once by the brute-force baseline
 DEFAULT_TRIES = ("1Mx16x5", "10Mx16x6", "10Mx256x3")
@@ -100,7 +101,7 @@ def beam_search_backends(device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (times every backend of the device)")
     parser.add_argument("--tries", type=parse_trie, nargs="+", default=[parse_trie(t) for t in DEFAULT_TRIES],
                         help="NxVxL, e.g. 1Mx16x5")

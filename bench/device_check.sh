@@ -50,7 +50,7 @@ for tool in "${sanitizers[@]}"; do
     python -m pytest -q -x -m cuda tests/test_cuda_code_ce.py tests/test_cuda_beam_search.py -k sanitizer_cases
 done
 step kernels timeout 240 python bench/kernels.py "${kernel_shapes[@]}" --profile --json "$work/kernels.json"
-step scale_ids timeout 240 python bench/scale_ids.py --ids 10M --json "$work/scale_ids.json"
+step scale_ids timeout 240 python bench/scale_ids.py --ids 10M --out "$work"
 [ $quick -eq 0 ] && step decode timeout 240 python bench/decode.py --device cuda --tries 1Mx16x5 10Mx16x6 --repeats 2
 # The trainer on the GPU (bf16, CUDA code head, identification through the GPU beam search), then
 # training throughput of IResNet-50 with each head at 1M and 10M identities.

@@ -19,6 +19,7 @@ import torch
 
 import gif_kernels
 from gif_kernels import reference
+from gif_kernels.cli import ArgumentParser
 
 DEFAULT_SHAPES = {"cpu": ["512x6x16x512", "512x3x256x512", "256x2x4096x512"],
                   "cuda": ["512x6x16x512", "512x4x64x512", "512x3x256x512", "4096x2x4096x512",
@@ -161,7 +162,7 @@ def bench_shape(B, L, V, D, dtype, device, backends, repeats, margin, profile=Fa
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", type=parse_shape, nargs="+", help="BxLxVxD (shared features)")

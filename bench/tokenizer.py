@@ -5,7 +5,6 @@ CodeBook + trie over 10M codes.
     python bench/tokenizer.py                              # 1M x 64, vocab 16, kmeans, CPU
     python bench/tokenizer.py --ids 100000 --method random --json out.json
 """
-import argparse
 import json
 import os
 import platform
@@ -14,6 +13,7 @@ import time
 
 import torch
 
+from gif_kernels.cli import ArgumentParser
 from gif_kernels.tokenize import METHODS, format_summary, summary, tokenize
 
 
@@ -71,7 +71,7 @@ def bench_codebook(ids, vocab, length):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--ids", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=16)

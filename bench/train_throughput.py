@@ -22,7 +22,6 @@ images/s.
     python bench/train_throughput.py
     python bench/train_throughput.py --backbone iresnet100 --ids 1M,10M,100M --json out.json
 """
-import argparse
 import datetime
 import json
 import math
@@ -33,6 +32,7 @@ import time
 import torch
 
 import gif_kernels
+from gif_kernels.cli import ArgumentParser
 from gif_kernels.head import CodeHead
 from gif_kernels.tokenize import default_length, tokenize
 from gif_kernels.train.backbones import BACKBONES, build_backbone
@@ -46,8 +46,7 @@ INT64 = 8
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--backbone", choices=BACKBONES, default="iresnet50")
     parser.add_argument("--ids", type=comma_list(parse_count), default=[10**6, 10**7],
                         help="identity counts, e.g. 1M,10M (also 1e7, 10000000)")
