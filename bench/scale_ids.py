@@ -51,7 +51,9 @@ METHOD_KINDS = ("full", "partial", "eager", "compile", "fused")
 MAX_IDS = 10**12  # keeps the analytic figures finite and meaningful
 COUNT_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
 COUNT = re.compile(r"(\d+\.?\d*|\.\d+)(e[+-]?\d+)?([kmg]?)", re.IGNORECASE)
-BASELINE_KINDS = ("full", "partial")  # what a speedup is measured against
+# What a row's speedup is measured against, by preference: full softmax where it ran, else the
+# fastest Partial FC, else the fastest code head in plain PyTorch (eager or torch.compile).
+BASELINE_KINDS = (("full",), ("partial",), ("eager", "compile"))
 RESULT_FIELDS = ("method", "ids", "length", "classes", "head_flops", "flops_ratio_vs_full",
                  "param_bytes", "grad_bytes", "optimizer_bytes", "state_bytes", "step_bytes_estimate",
                  "time_ms", "timed_steps", "speedup", "speedup_baseline", "peak_extra_bytes", "skipped")
@@ -68,7 +70,7 @@ NOTES = {
     "optimizer_bytes": "SGD with momentum: one buffer the size of the parameters",
     "flops_ratio_vs_full": "full softmax's head FLOPs over the row's: how many times fewer FLOPs",
     "speedup": "the speedup_baseline's time over the row's time at the same N: full softmax where "
-               "it ran, else the fastest measured Partial FC",
+               "it ran, else the fastest measured Partial FC, else the fastest plain-PyTorch code head",
     "time_ms": "median of the timed steps after warm-up; a step is forward + backward of the head "
                "alone (CUDA events on a GPU, perf_counter on the CPU), its gradients dropped after",
     "step_bytes_estimate": "what a measured step is expected to hold at its peak, parameters "
@@ -399,20 +401,19 @@ def analytic_row(method, num_ids, args):
 
 
 def add_speedups(results, methods):
-    """Measured speedup of each row at N against full softmax at N where it ran, else against the
-    fastest measured Partial FC at N (rows whose baseline did not run have none)."""
+    """Measured speedup of each row at N against the first of BASELINE_KINDS measured at N (the
+    fastest row of that kind); rows at an N where no baseline ran have none."""
     kinds = {method.name: method.kind for method in methods}
     for num_ids in dict.fromkeys(row["ids"] for row in results):
-        rows = [row for row in results if row["ids"] == num_ids]
-        measured = [row for row in rows if row["time_ms"] is not None and kinds[row["method"]] in BASELINE_KINDS]
-        full = [row for row in measured if kinds[row["method"]] == "full"]
-        if not measured:
-            continue
-        baseline = full[0] if full else min(measured, key=lambda row: row["time_ms"])
-        for row in rows:
-            if row["time_ms"] is not None:
-                row["speedup"] = baseline["time_ms"] / row["time_ms"]
-                row["speedup_baseline"] = baseline["method"]
+        rows = [row for row in results if row["ids"] == num_ids and row["time_ms"] is not None]
+        for baseline_kinds in BASELINE_KINDS:
+            candidates = [row for row in rows if kinds[row["method"]] in baseline_kinds]
+            if candidates:
+                baseline = min(candidates, key=lambda row: row["time_ms"])
+                for row in rows:
+                    row["speedup"] = baseline["time_ms"] / row["time_ms"]
+                    row["speedup_baseline"] = baseline["method"]
+                break
 
 
 def run_benchmark(args):

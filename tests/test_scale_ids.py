@@ -126,16 +126,27 @@ def test_tiny_run_writes_json_csv_and_png(tmp_path, capsys):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_speedup_against_the_fastest_partial_fc_where_full_softmax_did_not_run():
+def test_speedup_against_the_strongest_baseline_that_ran():
     methods = [scale_ids.Method("full softmax", "full"), scale_ids.Method("partial fc 10%", "partial", rate=0.1),
-               scale_ids.Method("partial fc 30%", "partial", rate=0.3), scale_ids.Method("fused cpu", "fused")]
-    times = {"full softmax": None, "partial fc 10%": 8.0, "partial fc 30%": 20.0, "fused cpu": 2.0}
-    results = [{"method": name, "ids": 10**7, "time_ms": ms, "speedup": None, "speedup_baseline": None}
-               for name, ms in times.items()]
-    scale_ids.add_speedups(results, methods)
-    assert [(row["speedup"], row["speedup_baseline"]) for row in results] == [
-        (None, None), (1.0, "partial fc 10%"), (0.4, "partial fc 10%"), (4.0, "partial fc 10%")]
-    assert scale_ids.format_speedup(results[3]) == "4x vs partial fc 10%"
+               scale_ids.Method("partial fc 30%", "partial", rate=0.3), scale_ids.Method("code head eager", "eager"),
+               scale_ids.Method("code head compile", "compile"), scale_ids.Method("fused cpu", "fused")]
+
+    def speedups(times):
+        results = [{"method": name, "ids": 10**7, "time_ms": ms, "speedup": None, "speedup_baseline": None}
+                   for name, ms in times.items()]
+        scale_ids.add_speedups(results, methods)
+        return [(row["speedup"], row["speedup_baseline"]) for row in results]
+
+    # Full softmax skipped: the fastest Partial FC.
+    assert speedups({"full softmax": None, "partial fc 10%": 8.0, "partial fc 30%": 20.0, "code head eager": 4.0,
+                     "code head compile": 2.0, "fused cpu": 1.0}) == [
+        (None, None), (1.0, "partial fc 10%"), (0.4, "partial fc 10%"), (2.0, "partial fc 10%"),
+        (4.0, "partial fc 10%"), (8.0, "partial fc 10%")]
+    # No softmax head fits: the fastest code head in plain PyTorch.
+    assert speedups({"full softmax": None, "partial fc 10%": None, "partial fc 30%": None, "code head eager": 4.0,
+                     "code head compile": 2.0, "fused cpu": 1.0})[3:] == [
+        (0.5, "code head compile"), (1.0, "code head compile"), (2.0, "code head compile")]
+    assert scale_ids.format_speedup({"speedup": 4.0, "speedup_baseline": "partial fc 10%"}) == "4x vs partial fc 10%"
     assert scale_ids.format_fewer(104_166.7) == "104,167x fewer" and scale_ids.format_fewer(1) == "same"
 
 
