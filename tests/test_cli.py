@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gif_kernels import CodeBook
-from gif_kernels import tokenize as tokenizer
+from gif_kernels.tokenize import __main__ as tokenizer
 from gif_kernels.train import evaluate, trainer
 
 from test_scale_ids import scale_ids

@@ -2,6 +2,7 @@
 
 Tensors (model, optimizer state) go in the file's tensors; everything else (the step, the run's
 arguments, modules' extra state, optimizer hyper-parameters) in its JSON header. No pickle.
+restore_for_evaluation rebuilds a run's model from a checkpoint and the codes beside it.
 """
 import json
 import os
@@ -12,7 +13,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..codebook import CodeBook
+from .data import load_splits
+from .model import build_backbone_for, build_model
+
 FILE_PATTERN = re.compile(r"checkpoint-(\d+)\.safetensors")
+# Beside the checkpoints in a run's output folder: the codes it trains on and the identity vectors
+# they were built from (the L_AR anchors).
+CODES_FILE = "codes.safetensors"
+VECTORS_FILE = "identity_vectors.npy"
 KEEP = 2  # checkpoints kept on disk: the newest, and one before it in case the newest is damaged
 
 
@@ -94,3 +103,14 @@ def load_latest(directory) -> dict | None:
     if errors:
         raise ValueError("checkpoint: no readable checkpoint in " + os.fspath(directory) + ": " + "; ".join(errors))
     return None
+
+
+def restore_for_evaluation(saved: dict, out: Path, device):
+    """(model with the checkpoint's weights, data splits, run arguments, CodeBook or None) of a saved checkpoint."""
+    run = saved["run"]
+    splits = load_splits(run)
+    backbone, feature_dim = build_backbone_for(run, splits.input_shape)
+    codebook = CodeBook.load(out / CODES_FILE) if run["head"] == "gif" else None
+    model = build_model(run, backbone, feature_dim, splits.num_ids, codebook)
+    model.load_state_dict(saved["model"], strict=False)  # without anchors: L_AR is training-only
+    return model.to(device), splits, run, codebook

@@ -71,6 +71,13 @@ def load_data(spec: str, ids: int | None = None, image_size: int = 112,
     return _split(inputs, identity, names, ids, holdout_per_id, verify_ids, seed)
 
 
+def load_splits(run: dict) -> Splits:
+    """The splits of a trainer run's data (its --data, --ids, ... as parse_run gives them)."""
+    return load_data(run["data"], ids=run["ids"], image_size=run["image_size"],
+                     images_per_id=run["images_per_id"], holdout_per_id=run["holdout_per_id"],
+                     verify_ids=run["verify_ids"], seed=run["seed"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Synthetic faces
 

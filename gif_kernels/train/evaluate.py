@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cli import ArgumentParser, one_line_errors
+from ..codebook import CodeBook
 from ..constants import NORM_EPS
 from . import checkpoint
 from .model import embed
@@ -97,6 +98,15 @@ def evaluate(model, splits, device, beam: int = 32, workers: int = 0, seed: int 
     return metrics
 
 
+def run_description(run: dict, num_ids: int, codebook: CodeBook | None, step: int, stats: dict) -> dict:
+    """The keys of metrics.json that say what was measured (beside the measurements)."""
+    description = {"head": run["head"], "steps": step, "images_per_s": stats.get("images_per_s"),
+                   "backbone": run["backbone"], "num_ids": num_ids, "processes": stats.get("processes")}
+    if codebook is not None:
+        description.update(code_length=codebook.length, vocab=codebook.vocab)
+    return description
+
+
 def write_metrics(directory, metrics: dict) -> Path:
     """Merge `metrics` into directory/metrics.json (keys it does not name are kept), atomically."""
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -116,7 +126,6 @@ def main(argv=None):
     parser.add_argument("--beam", type=int, help="beam width of identify() (default: the run's --eval-beam)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     args = parser.parse_args(argv)
-    from .trainer import restore_for_evaluation, run_description
     path = Path(args.checkpoint)
     if args.beam is not None and args.beam < 1:
         parser.error(f"--beam: expected an integer >= 1, got {args.beam}")
@@ -127,7 +136,7 @@ def main(argv=None):
         if saved is None:
             raise ValueError(f"checkpoint: no checkpoint in {path}")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, splits, run, codebook = restore_for_evaluation(saved, Path(saved["path"]).parent, device)
+        model, splits, run, codebook = checkpoint.restore_for_evaluation(saved, Path(saved["path"]).parent, device)
         metrics = evaluate(model, splits, device, args.beam or run["eval_beam"], args.workers, run["seed"])
         metrics.update(run_description(run, splits.num_ids, codebook, saved["step"], saved["stats"]))
         print(json.dumps(metrics, indent=2, sort_keys=True))

@@ -31,13 +31,11 @@ from ..ops import BACKENDS, check_scale
 from ..tokenize import METHODS
 from . import checkpoint
 from .backbones import BACKBONES
-from .data import SYNTHETIC_IMAGES_PER_ID, load_data
-from .evaluate import evaluate, write_metrics
+from .data import SYNTHETIC_IMAGES_PER_ID, load_splits
+from .evaluate import evaluate, run_description, write_metrics
 from .heads import HEADS
 from .model import build_backbone_for, build_codebook, build_model, identity_vectors
 
-CODES_FILE = "codes.safetensors"
-VECTORS_FILE = "identity_vectors.npy"
 # Arguments a resumed run must share with the run it continues. Others given on its command line
 # (e.g. --steps to train longer, --workers) replace the saved ones.
 RESUME_KEYS = ("data", "ids", "images_per_id", "holdout_per_id", "verify_ids", "image_size", "backbone",
@@ -148,40 +146,23 @@ def learning_rate(run: dict, step: int, total: int) -> float:
     return run["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-def load_splits(run: dict):
-    return load_data(run["data"], ids=run["ids"], image_size=run["image_size"],
-                     images_per_id=run["images_per_id"], holdout_per_id=run["holdout_per_id"],
-                     verify_ids=run["verify_ids"], seed=run["seed"])
-
-
 def prepare_codes(run: dict, out: Path, backbone, splits, device, rank: int, world: int):
     """(CodeBook, identity vectors or None), made once by rank 0 into OUT and read by every rank, so
     that all processes (and a resumed run) train on the same codes."""
     if run["head"] != "gif":
         return None, None
     needs_vectors = not run["codes"] or run["gamma"] > 0
-    if rank == 0 and not (out / CODES_FILE).exists():
+    if rank == 0 and not (out / checkpoint.CODES_FILE).exists():
         vectors = identity_vectors(run, backbone, splits, device, run["workers"]) if needs_vectors else None
-        build_codebook(run, vectors, splits.num_ids).save(out / CODES_FILE)
+        build_codebook(run, vectors, splits.num_ids).save(out / checkpoint.CODES_FILE)
         if vectors is not None:
-            np.save(out / VECTORS_FILE, vectors.numpy())
+            np.save(out / checkpoint.VECTORS_FILE, vectors.numpy())
     barrier(world)
-    codebook = CodeBook.load(out / CODES_FILE)
+    codebook = CodeBook.load(out / checkpoint.CODES_FILE)
     anchors = None
     if run["gamma"] > 0:
-        anchors = torch.from_numpy(np.load(out / VECTORS_FILE, allow_pickle=False))
+        anchors = torch.from_numpy(np.load(out / checkpoint.VECTORS_FILE, allow_pickle=False))
     return codebook, anchors
-
-
-def restore_for_evaluation(saved: dict, out: Path, device):
-    """(model with the checkpoint's weights, data splits, run arguments, CodeBook or None) of a saved checkpoint."""
-    run = saved["run"]
-    splits = load_splits(run)
-    backbone, feature_dim = build_backbone_for(run, splits.input_shape)
-    codebook = CodeBook.load(out / CODES_FILE) if run["head"] == "gif" else None
-    model = build_model(run, backbone, feature_dim, splits.num_ids, codebook)
-    model.load_state_dict(saved["model"], strict=False)  # without anchors: L_AR is training-only
-    return model.to(device), splits, run, codebook
 
 
 def resumed_run(run: dict, saved: dict) -> dict:
@@ -256,15 +237,6 @@ def build_training(run: dict, out: Path, splits, device, rank: int, world: int):
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=run["lr"], weight_decay=run["weight_decay"])
     return model, optimizer, codebook
-
-
-def run_description(run: dict, num_ids: int, codebook: CodeBook | None, step: int, stats: dict) -> dict:
-    """The keys of metrics.json that say what was measured (beside the measurements)."""
-    description = {"head": run["head"], "steps": step, "images_per_s": stats.get("images_per_s"),
-                   "backbone": run["backbone"], "num_ids": num_ids, "processes": stats.get("processes")}
-    if codebook is not None:
-        description.update(code_length=codebook.length, vocab=codebook.vocab)
-    return description
 
 
 def train_steps(run: dict, out: Path, model, optimizer, splits, device, rank: int, world: int,
