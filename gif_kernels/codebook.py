@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .files import atomic_write
+
 FILE_FORMAT = "gif-kernels CodeBook"
 FORMAT_VERSION = 1
 
@@ -235,9 +237,8 @@ class CodeBook:
             tensors["names_offsets"] = torch.from_numpy(offsets)
         metadata = {"format": FILE_FORMAT, "format_version": str(FORMAT_VERSION),
                     "vocab": str(self.vocab), "sha256": _checksum(tensors)}
-        tmp = f"{os.fspath(path)}.tmp"
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)  # a crash mid-write never leaves a half-written CodeBook behind
+        with atomic_write(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
 
     @classmethod
     def load(cls, path) -> "CodeBook":

@@ -4,11 +4,11 @@ Schemas live in csrc/gif_ops.cpp; C++ kernels register there per device; the Tri
 (gif_kernels/triton) register here. Nothing numeric happens in this file.
 """
 import math
-import os
 
 import torch
 
 from . import reference
+from .triton import interpreted as triton_interpreted
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 REDUCTIONS = ("none", "sum", "mean")
@@ -67,7 +67,7 @@ def has_cuda_kernels() -> bool:
 
 
 def _require_triton(device: torch.device):
-    if not (device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+    if not (device.type == "cuda" or (device.type == "cpu" and triton_interpreted())):
         raise RuntimeError(f"backend: 'triton' runs on CUDA tensors, or on CPU tensors with "
                            f"TRITON_INTERPRET=1 set before import; got tensors on {device}")
 

@@ -1,7 +1,7 @@
-import os
-
 import pytest
 import torch
+
+from gif_kernels.triton import interpreted
 
 
 def triton_available() -> bool:
@@ -10,7 +10,7 @@ def triton_available() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or interpreted()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..codebook import CodeBook
+from ..files import atomic_write
 from .data import load_splits
 from .model import build_backbone_for, build_model
 
@@ -58,10 +59,9 @@ def save(directory, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
     tensors, plain = {}, {}
     _split("", {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tensors, plain)
     path = directory / f"checkpoint-{step}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"step": str(step), "run": json.dumps(run),
+    with atomic_write(path) as tmp:  # a kill mid-write leaves the previous checkpoint as the latest
+        save_file(tensors, tmp, metadata={"step": str(step), "run": json.dumps(run),
                                           "stats": json.dumps(stats), "plain": json.dumps(plain)})
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint as the latest
     for old in sorted(checkpoints(directory))[:-KEEP]:
         old[1].unlink(missing_ok=True)
     return path

@@ -9,7 +9,6 @@
 """
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from ..cli import ArgumentParser, one_line_errors
 from ..codebook import CodeBook
 from ..constants import NORM_EPS
+from ..files import atomic_write
 from . import checkpoint
 from .model import embed
 
@@ -112,9 +112,8 @@ def write_metrics(directory, metrics: dict) -> Path:
     Path(directory).mkdir(parents=True, exist_ok=True)
     path = Path(directory) / "metrics.json"
     merged = {**(json.loads(path.read_text()) if path.exists() else {}), **metrics}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     return path
 
 
