@@ -51,7 +51,7 @@ def test_auto_and_options(backend):
 
 
 def test_auto_follows_the_table():
-    pick = gif_kernels.ops._resolve_backend
+    pick = gif_kernels.ops.resolve_backend
     cuda = gif_kernels.ops.has_cuda_kernels()
     device = torch.device("cuda")
     for V, expected in ((16, "cuda"), (64, "triton"), (4096, "cuda")):

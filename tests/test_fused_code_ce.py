@@ -208,3 +208,17 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
         gif_kernels.fused_code_ce(x, w, codes, backend="triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         torch.ops.gif.triton_code_ce_forward(x, w, codes, None, 64.0, 0.0, 0.0, True, -100, False)
+
+
+def test_fake_kernels_run_the_real_paths_checks():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w = torch.randn(4, 8), torch.randn(3, 5, 8)
+        codes = torch.zeros(4, 3, dtype=torch.int64)
+        rows, lse = torch.ops.gif.code_ce_forward(x, w, codes, None, 64.0, 0.0, 0.0, True, -100)
+        assert rows.shape == (4, 3) and lse.shape == (4, 3)
+        with pytest.raises(TypeError, match="weight: dtype"):
+            torch.ops.gif.code_ce_forward(x, w.double(), codes, None, 64.0, 0.0, 0.0, True, -100)
+        with pytest.raises(ValueError, match="scale"):
+            torch.ops.gif.code_ce_backward(rows, x, w, codes, None, lse, 0.0, 0.0, 0.0, True, -100)

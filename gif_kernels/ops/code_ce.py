@@ -1,18 +1,16 @@
-"""Op glue for torch.ops.gif: argument checks, backend choice, autograd and fake kernels.
-
-Schemas live in csrc/gif_ops.cpp; C++ kernels register there per device; the Triton kernels
-(gif_kernels/triton) register here. Nothing numeric happens in this file.
+"""fused_code_ce's glue: argument checks, backend choice, the functional API, the Triton kernel
+family's registration, and the fake kernels and autograd of both kernel families (the C++ one,
+gif::code_ce_*, registers its kernels in csrc/; the schemas are in csrc/gif_ops.cpp). Nothing
+numeric happens here.
 """
 import math
 
 import torch
 
-from . import reference
-from .triton import interpreted as triton_interpreted
+from .. import reference
+from .common import BACKENDS, FLOAT_DTYPES, require_triton
 
-BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 REDUCTIONS = ("none", "sum", "mean")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_scale(scale):
@@ -66,12 +64,6 @@ def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("gif::code_ce_forward", "CUDA")
 
 
-def _require_triton(device: torch.device):
-    if not (device.type == "cuda" or (device.type == "cpu" and triton_interpreted())):
-        raise RuntimeError(f"backend: 'triton' runs on CUDA tensors, or on CPU tensors with "
-                           f"TRITON_INTERPRET=1 set before import; got tensors on {device}")
-
-
 # backend="auto" on CUDA tensors: (largest V, backend), first match wins. From bench/kernels.py on an
 # H100 80GB HBM3, 2026-11-27 (bf16, D = 512, CUDA-graph replay; bench/RESULTS.md): V = 16: CUDA C++
 # 96 us vs Triton 118; V = 64: Triton 128 vs 165; V = 256: Triton 171 vs 186; V = 4096: CUDA C++
@@ -83,7 +75,7 @@ def _auto_cuda_backend(num_tokens: int) -> str:
     return next(backend for max_tokens, backend in AUTO_CUDA_TABLE if num_tokens <= max_tokens)
 
 
-def _resolve_backend(backend: str, device: torch.device, num_tokens: int, deterministic: bool) -> str:
+def resolve_backend(backend: str, device: torch.device, num_tokens: int, deterministic: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -102,7 +94,7 @@ def _resolve_backend(backend: str, device: torch.device, num_tokens: int, determ
                            "them (gif_kernels.build_info()['cuda'] is False); rebuild where a GPU is visible, "
                            "or name its architecture: TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .")
     if backend == "triton":
-        _require_triton(device)
+        require_triton(device)
     return backend
 
 
@@ -120,7 +112,7 @@ def fused_code_ce(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3
     _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normalize, reduction)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    backend = _resolve_backend(backend, x.device, weight.shape[1], deterministic)
+    backend = resolve_backend(backend, x.device, weight.shape[1], deterministic)
     args = (x, weight, codes, position_weight, float(scale), float(m2), float(m3), bool(normalize),
             int(ignore_index))
     if backend == "reference":
@@ -141,15 +133,15 @@ def _fused_code_ce_op(x, weight, codes, position_weight=None, scale=64.0, m2=0.0
 
 # Triton kernel family: registered for CUDA, and for CPU tensors under the Triton interpreter.
 def _triton_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index, deterministic):
-    _require_triton(x.device)
-    from .triton.code_ce import code_ce_forward  # imported on first use: triton is slow to import
+    require_triton(x.device)
+    from ..triton.code_ce import code_ce_forward  # imported on first use: triton is slow to import
     return code_ce_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index)
 
 
 def _triton_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3, normalize,
                      ignore_index, deterministic):
-    _require_triton(x.device)
-    from .triton.code_ce import code_ce_backward
+    require_triton(x.device)
+    from ..triton.code_ce import code_ce_backward
     return code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
                             normalize, ignore_index, deterministic)
 
@@ -158,14 +150,16 @@ torch.library.impl("gif::triton_code_ce_forward", ("CPU", "CUDA"), _triton_forwa
 torch.library.impl("gif::triton_code_ce_backward", ("CPU", "CUDA"), _triton_backward)
 
 
-# Fake kernels and autograd, the same for every kernel family (the Triton family's extra trailing
-# `deterministic` rides along in *options).
-def _forward_fake(x, weight, codes, position_weight, *options):
+# Fake kernels and autograd, the same for every kernel family (ignore_index, and the Triton family's
+# extra trailing `deterministic`, ride along in *options). The fakes run the real path's metadata checks.
+def _forward_fake(x, weight, codes, position_weight, scale, m2, m3, normalize, *options):
+    _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normalize, "none")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return codes.new_empty(codes.shape, dtype=dtype), codes.new_empty(codes.shape, dtype=dtype)
 
 
-def _backward_fake(grad_loss, x, weight, codes, position_weight, lse, *options):
+def _backward_fake(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3, normalize, *options):
+    _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normalize, "none")
     return torch.empty_like(x), torch.empty_like(weight)
 
 
@@ -191,89 +185,3 @@ for _family in ("code_ce", "triton_code_ce"):
     torch.library.register_fake(f"gif::{_family}_backward")(_backward_fake)
     torch.library.register_autograd(_forward_op, _backward_of(_backward_op),
                                     setup_context=_setup_context)
-
-
-# code_beam_search: backend choice, the Triton kernel's registration and fake kernels. The C++ family
-# has a CPU kernel (csrc/cpu/beam_search.cpp) and a CUDA one (csrc/cuda/beam_search.cu).
-BEAM_SEARCH_OPS = {"cpu": "code_beam_search", "cuda": "code_beam_search",
-                   "triton": "triton_code_beam_search"}
-
-
-def has_beam_search_kernel(backend: str, device: torch.device) -> bool:
-    """Whether `backend` has a code_beam_search kernel for tensors on `device` in this build."""
-    name = BEAM_SEARCH_OPS[backend]
-    return hasattr(torch.ops.gif, name) and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"gif::{name}", "CPU" if device.type == "cpu" else "CUDA")
-
-
-def resolve_beam_search_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cpu":
-            return "cpu"
-        backend = next((b for b in ("cuda", "triton") if has_beam_search_kernel(b, device)), None)
-        if backend is None:
-            raise RuntimeError(f"scores: code_beam_search has no kernel for tensors on {device} yet; "
-                               f"use CPU tensors or backend='reference'")
-    if backend == "reference":
-        return backend
-    if backend in ("cpu", "cuda") and device.type != backend:
-        raise ValueError(f"backend: {backend!r} needs {backend} tensors, got tensors on {device}")
-    if backend == "triton":
-        _require_triton(device)
-    if not has_beam_search_kernel(backend, device):
-        raise RuntimeError(f"backend: {backend!r} has no code_beam_search kernel in this build yet "
-                           f"(gif::{BEAM_SEARCH_OPS[backend]} for {device.type} tensors); use 'cpu' or "
-                           f"'reference'")
-    return backend
-
-
-def _check_beam_search_args(scores, child_offsets, child_tokens, leaf_ids, beam, topk):
-    """The metadata checks of csrc/beam_search.cpp, for fake tensors."""
-    if scores.dim() != 3 or scores.shape[1] < 1 or scores.shape[2] < 1:
-        raise ValueError(f"scores: expected shape (Q, L, V) with L, V >= 1, got {tuple(scores.shape)}")
-    if scores.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"scores: expected one of {FLOAT_DTYPES}, got {scores.dtype}")
-    for name, array, dtype in (("child_offsets", child_offsets, torch.int64),
-                               ("child_tokens", child_tokens, torch.int32), ("leaf_ids", leaf_ids, torch.int64)):
-        if array.dim() != 1 or array.dtype != dtype:
-            raise ValueError(f"{name}: expected a 1-D {dtype} tensor, got {array.dtype} {tuple(array.shape)}")
-    devices = [t.device for t in (scores, child_offsets, child_tokens, leaf_ids)]
-    if len(set(devices)) > 1:
-        raise ValueError(f"scores, child_offsets, child_tokens and leaf_ids must be on one device, got "
-                         f"{', '.join(map(str, devices))}")
-    if topk < 1:
-        raise ValueError(f"topk: expected >= 1, got {topk}")
-    if beam < topk:
-        raise ValueError(f"beam: expected >= topk = {topk}, got {beam}")
-
-
-# The widest beam of each GPU kernel: Triton holds beam + 1 candidates per program in registers; the
-# CUDA kernel gives each beam slot one thread (kMaxBeam in csrc/cuda/beam_search.cu).
-MAX_BEAM = {"triton": 1024, "cuda": 256}
-
-
-def _triton_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam, topk):
-    _require_triton(scores.device)
-    _check_beam_search_args(scores, child_offsets, child_tokens, leaf_ids, beam, topk)
-    if beam > MAX_BEAM["triton"]:
-        raise ValueError(f"beam: the Triton kernel takes beam <= {MAX_BEAM['triton']}, got {beam}")
-    from .triton.beam_search import code_beam_search  # imported on first use: triton is slow to import
-    return code_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam, topk)
-
-
-torch.library.impl("gif::triton_code_beam_search", ("CPU", "CUDA"), _triton_beam_search)
-
-
-def _beam_search_fake(scores, child_offsets, child_tokens, leaf_ids, beam, topk):
-    _check_beam_search_args(scores, child_offsets, child_tokens, leaf_ids, beam, topk)
-    num_queries = scores.shape[0]
-    return (scores.new_empty((num_queries, topk), dtype=torch.int64),
-            scores.new_empty((num_queries, topk), dtype=torch.float32),
-            scores.new_empty((num_queries,), dtype=torch.bool))
-
-
-for _name in set(BEAM_SEARCH_OPS.values()):
-    if hasattr(torch.ops.gif, _name):
-        torch.library.register_fake(f"gif::{_name}")(_beam_search_fake)
