@@ -1,6 +1,6 @@
 """CodeBook, the table of identity codes, and CodeTrie, the trie of valid codes the decoder walks.
 
-Trie format (DESIGN.md): nodes are numbered level by level (root = 0), each level in lexicographic
+Trie format (docs/DESIGN.md): nodes are numbered level by level (root = 0), each level in lexicographic
 order of prefixes. Node u's children are the edges e in [child_offsets[u], child_offsets[u+1]), tokens
 ascending in child_tokens[e]; edge e leads to node e + 1. level_starts (L+2,) holds the first node of
 each depth and then the node count M; leaf_ids[u - level_starts[L]] is the identity of leaf u.
