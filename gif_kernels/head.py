@@ -42,7 +42,7 @@ class CodeHead(nn.Module):
 
     feature_dim: D of the backbone's features. scale, margin ("cosface", "arcface", "none") and m
     (default DEFAULT_MARGINS[margin]) shape the logits as in fused_code_ce. position_weight: (L,)
-    lambda_j, default all 1. proj_dim: adds one linear projection per position, (B, D) ->
+    position_weight_j, default all 1. proj_dim: adds one linear projection per position, (B, D) ->
     (B, L, proj_dim), before the classifiers. anchor_vectors: (N, D) one vector per identity; adds
     gamma * L_AR (see anchor_loss). The table stays where it is given (pinned when on the CPU) and
     only the batch's rows are gathered and moved. backend: fused_code_ce's and code_beam_search's.

@@ -1,6 +1,9 @@
 """Plain-PyTorch versions of every op: the ground truth the kernels are tested against.
 
 Gradients come from autograd. Compute in float64 (pass float64 tensors) for test references.
+Margins: m2 and m3 are those of insightface's combined margin (m1, m2, m3), the target logit
+scale * (cos(m1 * theta + m2) - m3) with m1 = 1: m2 is ArcFace's additive angle, m3 CosFace's
+additive cosine margin. Every backend, and every other mention of m2 / m3, follows this.
 """
 import math
 
@@ -19,7 +22,8 @@ def arcface_phi(cos: torch.Tensor, m2: float) -> torch.Tensor:
 
 def code_ce_rows(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3=0.0,
                  normalize=True, ignore_index=-100):
-    """Per-sample, per-position loss lambda_j * CE_bj, shape (B, L); 0 where codes == ignore_index."""
+    """Per-sample, per-position loss position_weight_j * CE_bj, shape (B, L); 0 where
+    codes == ignore_index."""
     num_positions = weight.shape[0]
     feats = x.unsqueeze(1).expand(-1, num_positions, -1) if x.dim() == 2 else x
     if normalize:

@@ -70,7 +70,7 @@ void forward_rows(const ForwardBlock& blk) {
   AT_DISPATCH_FLOATING_TYPES(blk.dots.scalar_type(), "code_ce_forward_rows", [&] {
     using Vec = Vectorized<scalar_t>;
     const auto rp = row_params<scalar_t>(blk.scale, blk.m2, blk.m3, blk.ignore_index);
-    const scalar_t* lambda = blk.position_weight.data_ptr<scalar_t>();
+    const scalar_t* position_weight = blk.position_weight.data_ptr<scalar_t>();
     const int64_t* code = blk.codes.data_ptr<int64_t>();
     scalar_t* loss_out = blk.loss.data_ptr<scalar_t>();
     scalar_t* lse_out = blk.lse.data_ptr<scalar_t>();
@@ -86,7 +86,7 @@ void forward_rows(const ForwardBlock& blk) {
         if (!ignored) logits[t] = logit_t;
         const scalar_t row_lse = logsumexp_in_place(logits.data(), V);
         lse_out[r] = row_lse;
-        loss_out[r] = ignored ? scalar_t(0) : lambda[r % L] * (row_lse - logit_t);
+        loss_out[r] = ignored ? scalar_t(0) : position_weight[r % L] * (row_lse - logit_t);
       }
     });
   });
@@ -99,7 +99,7 @@ void backward_rows(const BackwardBlock& blk) {
   AT_DISPATCH_FLOATING_TYPES(blk.dots.scalar_type(), "code_ce_backward_rows", [&] {
     using Vec = Vectorized<scalar_t>;
     const auto rp = row_params<scalar_t>(blk.scale, blk.m2, blk.m3, blk.ignore_index);
-    const scalar_t* lambda = blk.position_weight.data_ptr<scalar_t>();
+    const scalar_t* position_weight = blk.position_weight.data_ptr<scalar_t>();
     const int64_t* code = blk.codes.data_ptr<int64_t>();
     const scalar_t* grad_row = blk.grad_loss.data_ptr<scalar_t>();
     const scalar_t* lse_row = blk.lse.data_ptr<scalar_t>();
@@ -127,7 +127,7 @@ void backward_rows(const BackwardBlock& blk) {
         const scalar_t cos_t = cos[t];
         const scalar_t logit_t = rp.target_logit(cos_t, &dphi);
         cos[t] = 0;
-        const scalar_t weight_g = grad_row[r] * lambda[r % L] * rp.scale;
+        const scalar_t weight_g = grad_row[r] * position_weight[r % L] * rp.scale;
         const scalar_t lse = lse_row[r];
         const bool normalize = c.feat_norm > 0;
         const Vec scale(rp.scale), shift(lse), factor(weight_g), feat_norm(c.feat_norm);

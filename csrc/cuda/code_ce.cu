@@ -131,12 +131,14 @@ struct SmallVArgs {
   const scalar_t* x;
   const scalar_t* weight;
   const int64_t* codes;    // (B, L)
-  const acc_t* lambda;     // (L,), or null for all ones
+  const acc_t* position_weight;  // (L,), or null for all ones
   int64_t B, L, V, D, Lx, P;
   bool normalize, vectorized;
   RowParams<acc_t> rp;
 
-  __device__ __forceinline__ acc_t position_weight(int64_t j) const { return lambda ? lambda[j] : acc_t(1); }
+  __device__ __forceinline__ acc_t position_weight_at(int64_t j) const {
+    return position_weight ? position_weight[j] : acc_t(1);
+  }
 };
 
 // The block's slice: samples [b0, b0 + nb), positions [j0, j0 + np), weight rows [c0, c0 + nc) with
@@ -293,12 +295,12 @@ small_v_forward_kernel(SmallVArgs<scalar_t, acc_t> a, acc_t* loss, acc_t* lse) {
     if (lane == 0) {
       lse[row] = tg.valid || tg.ignored ? row_lse : quiet_nan<acc_t>();
       loss[row] = tg.ignored ? acc_t(0)
-                  : tg.valid ? a.position_weight(j) * (row_lse - logit_t) : quiet_nan<acc_t>();
+                  : tg.valid ? a.position_weight_at(j) * (row_lse - logit_t) : quiet_nan<acc_t>();
     }
   }
 }
 
-// dLoss/dcos of one row's token v: lambda_j * g * scale * (p_v - [v == t]) * (dphi at the target).
+// dLoss/dcos of one row's token v: position_weight_j * g * scale * (p_v - [v == t]) * (dphi at the target).
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_cos(const RowParams<acc_t>& rp, acc_t c, bool is_target,
                                           acc_t logit_t, acc_t dphi, acc_t row_lse, acc_t row_grad) {
@@ -326,7 +328,7 @@ small_v_backward_kernel(SmallVArgs<scalar_t, acc_t> a, const acc_t* grad_loss, c
     const Target tg(a.codes[row], a.V, a.rp.ignore_index);
     acc_t dphi = 1, logit_t = 0;
     if (tg.valid) logit_t = a.rp.target_logit(small_v_cos(a, sl, sm, s, int(p * a.V + tg.t)), &dphi);
-    const acc_t row_grad = tg.valid ? grad_loss[row] * a.position_weight(j)
+    const acc_t row_grad = tg.valid ? grad_loss[row] * a.position_weight_at(j)
                                     : tg.ignored ? acc_t(0) : quiet_nan<acc_t>();
     acc_t dot = 0;
     for (int v = lane; v < a.V; v += kWarp) {
@@ -516,7 +518,7 @@ struct DotRows {
   const T* row_norm;   // (L, V)
   int64_t Lx;
   const int64_t* codes;
-  const T* lambda;
+  const T* position_weight;
   RowParams<T> rp;
 
   // The row's feature norm (1 without normalization) and its cosine with token v.
@@ -547,7 +549,7 @@ __global__ void __launch_bounds__(kThreads) gemm_forward_rows_kernel(DotRows<T> 
   const T row_lse = acc.warp_result();
   if (lane == 0) {
     lse[row] = tg.valid || tg.ignored ? row_lse : quiet_nan<T>();
-    loss[row] = tg.ignored ? T(0) : tg.valid ? a.lambda[j] * (row_lse - logit_t) : quiet_nan<T>();
+    loss[row] = tg.ignored ? T(0) : tg.valid ? a.position_weight[j] * (row_lse - logit_t) : quiet_nan<T>();
   }
 }
 
@@ -573,7 +575,7 @@ gemm_backward_rows_kernel(DotRows<T> a, const T* grad_loss, const T* lse, O* gra
   const Target tg(a.codes[row], a.V, a.rp.ignore_index);
   T dphi = 1, logit_t = 0;
   if (tg.valid) logit_t = a.rp.target_logit(a.cos(dots, j, tg.t, norm), &dphi);
-  const T row_grad = tg.valid ? grad_loss[row] * a.lambda[j] : tg.ignored ? T(0) : quiet_nan<T>();
+  const T row_grad = tg.valid ? grad_loss[row] * a.position_weight[j] : tg.ignored ? T(0) : quiet_nan<T>();
   T dot = 0;
   for (int64_t v = lane; v < a.V; v += kWarp) {
     const T c = a.cos(dots, j, v, norm);
@@ -672,7 +674,7 @@ int64_t small_v_positions_per_block(int64_t B, int64_t L, int64_t V) {
 
 template <typename scalar_t, typename acc_t>
 SmallVArgs<scalar_t, acc_t> small_v_args(const at::Tensor& x, const at::Tensor& weight,
-                                         const at::Tensor& codes, const at::Tensor& lambda,
+                                         const at::Tensor& codes, const at::Tensor& position_weight,
                                          bool normalize, const RowParams<acc_t>& rp) {
   const int64_t B = x.size(0), L = weight.size(0), V = weight.size(1), D = weight.size(2);
   const auto aligned = [](const at::Tensor& t) {
@@ -680,8 +682,8 @@ SmallVArgs<scalar_t, acc_t> small_v_args(const at::Tensor& x, const at::Tensor& 
   };
   const bool vectorized = D % (16 / sizeof(scalar_t)) == 0 && aligned(weight);
   return {x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), codes.data_ptr<int64_t>(),
-          lambda.defined() ? lambda.data_ptr<acc_t>() : nullptr, B, L, V, D, x.dim() == 2 ? 1 : L,
-          small_v_positions_per_block(B, L, V), normalize, vectorized, rp};
+          position_weight.defined() ? position_weight.data_ptr<acc_t>() : nullptr, B, L, V, D,
+          x.dim() == 2 ? 1 : L, small_v_positions_per_block(B, L, V), normalize, vectorized, rp};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -701,12 +703,13 @@ void allow_dynamic_smem(Kernel kernel, int64_t bytes) {
 }
 
 // position_weight in the accumulation dtype, or undefined (the kernels then take all ones).
-at::Tensor lambda_or_undefined(const c10::optional<at::Tensor>& position_weight, at::ScalarType acc) {
+at::Tensor position_weight_or_undefined(const c10::optional<at::Tensor>& position_weight,
+                                        at::ScalarType acc) {
   return position_weight.has_value() ? position_weight->to(acc).contiguous() : at::Tensor();
 }
 
 std::tuple<at::Tensor, at::Tensor> small_v_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
-                                                   const at::Tensor& codes, const at::Tensor& lambda,
+                                                   const at::Tensor& codes, const at::Tensor& position_weight,
                                                    double scale, double m2, double m3, bool normalize,
                                                    int64_t ignore_index) {
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
@@ -717,7 +720,7 @@ std::tuple<at::Tensor, at::Tensor> small_v_forward(const at::Tensor& x_in, const
   if (B == 0) return {loss, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "small_v_forward", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const auto a = small_v_args<scalar_t, acc_t>(x, weight, codes, lambda, normalize,
+    const auto a = small_v_args<scalar_t, acc_t>(x, weight, codes, position_weight, normalize,
                                                  row_params<acc_t>(scale, m2, m3, ignore_index));
     const int64_t smem = small_v_smem(a, false);
     allow_dynamic_smem(small_v_forward_kernel<scalar_t, acc_t>, smem);
@@ -730,7 +733,7 @@ std::tuple<at::Tensor, at::Tensor> small_v_forward(const at::Tensor& x_in, const
 
 std::tuple<at::Tensor, at::Tensor> small_v_backward(const at::Tensor& grad_loss, const at::Tensor& x_in,
                                                     const at::Tensor& weight_in, const at::Tensor& codes,
-                                                    const at::Tensor& lambda, const at::Tensor& lse,
+                                                    const at::Tensor& position_weight, const at::Tensor& lse,
                                                     double scale, double m2, double m3, bool normalize,
                                                     int64_t ignore_index) {
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
@@ -761,7 +764,7 @@ std::tuple<at::Tensor, at::Tensor> small_v_backward(const at::Tensor& grad_loss,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "small_v_backward", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const auto a = small_v_args<scalar_t, acc_t>(x, weight, codes, lambda, normalize,
+    const auto a = small_v_args<scalar_t, acc_t>(x, weight, codes, position_weight, normalize,
                                                  row_params<acc_t>(scale, m2, m3, ignore_index));
     const dim3 grid = small_v_grid(a);
     // Shared features over several position blocks: grad_x in one part per block, added at the end.
@@ -799,8 +802,8 @@ std::tuple<at::Tensor, at::Tensor> code_ce_forward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   if (small_v_fits(x, weight)) {
     return small_v_forward(x, weight, codes.to(at::kLong).contiguous(),
-                           lambda_or_undefined(position_weight, accumulation_type(x)), scale, m2, m3, normalize,
-                           ignore_index);
+                           position_weight_or_undefined(position_weight, accumulation_type(x)), scale, m2, m3,
+                           normalize, ignore_index);
   }
   return gemm_code_ce_forward(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index,
                               kGemmBlockElements, forward_rows_cuda);
@@ -817,8 +820,8 @@ std::tuple<at::Tensor, at::Tensor> code_ce_backward_cuda(
   if (small_v_fits(x, weight)) {
     const auto acc = accumulation_type(x);
     return small_v_backward(grad_loss.to(acc).contiguous(), x, weight, codes.to(at::kLong).contiguous(),
-                            lambda_or_undefined(position_weight, acc), lse.to(acc).contiguous(), scale, m2, m3,
-                            normalize, ignore_index);
+                            position_weight_or_undefined(position_weight, acc), lse.to(acc).contiguous(),
+                            scale, m2, m3, normalize, ignore_index);
   }
   return gemm_code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
                                normalize, ignore_index, kGemmBlockElements, backward_rows_cuda);

@@ -26,8 +26,8 @@ def resolve_beam_search_backend(backend: str, device: torch.device) -> str:
             return "cpu"
         backend = next((b for b in ("cuda", "triton") if has_beam_search_kernel(b, device)), None)
         if backend is None:
-            raise RuntimeError(f"scores: code_beam_search has no kernel for tensors on {device} yet; "
-                               f"use CPU tensors or backend='reference'")
+            raise RuntimeError(f"scores: code_beam_search has no kernel for tensors on {device} in this "
+                               f"build (see gif_kernels.build_info()); use CPU tensors or backend='reference'")
     if backend == "reference":
         return backend
     if backend in ("cpu", "cuda") and device.type != backend:
@@ -35,7 +35,7 @@ def resolve_beam_search_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         require_triton(device)
     if not has_beam_search_kernel(backend, device):
-        raise RuntimeError(f"backend: {backend!r} has no code_beam_search kernel in this build yet "
+        raise RuntimeError(f"backend: {backend!r} has no code_beam_search kernel in this build "
                            f"(gif::{BEAM_SEARCH_OPS[backend]} for {device.type} tensors); use 'cpu' or "
                            f"'reference'")
     return backend

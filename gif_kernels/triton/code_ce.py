@@ -1,10 +1,10 @@
 """Fused cosine-softmax cross-entropy of a multi-position code head, with CosFace/ArcFace margins.
 
-loss[b, j] = lambda_j * (logsumexp_v logit[b, j, v] - logit[b, j, codes[b, j]]). The (B, L, V) logits are
-never stored: the forward keeps an online logsumexp over V tiles; the backward recomputes each tile from
-the saved lse (as Cut Cross-Entropy does): by default in one kernel that adds the gradients with atomics;
-deterministic, in two kernels, one summing over codes for grad_x and one over samples for grad_weight, whose
-partial sums are added in a fixed order, so that gradients are bitwise reproducible.
+loss[b, j] = position_weight_j * (logsumexp_v logit[b, j, v] - logit[b, j, codes[b, j]]). The (B, L, V)
+logits are never stored: the forward keeps an online logsumexp over V tiles; the backward recomputes each
+tile from the saved lse (as Cut Cross-Entropy does): by default in one kernel that adds the gradients with
+atomics; deterministic, in two kernels, one summing over codes for grad_x and one over samples for
+grad_weight, whose partial sums are added in a fixed order, so that gradients are bitwise reproducible.
 """
 import math
 
@@ -89,7 +89,7 @@ def _logit_tile(cos, is_target, v_mask, scale, cos_m, sin_m, m3, fallback_shift)
 
 
 @triton.jit
-def _code_ce_fwd_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, loss_ptr, lse_ptr,
+def _code_ce_fwd_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, loss_ptr, lse_ptr,
                         B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
                         scale: tl.float64, cos_m: tl.float64, sin_m: tl.float64, m3: tl.float64,
                         fallback_shift: tl.float64, ignore_index,
@@ -129,8 +129,8 @@ def _code_ce_fwd_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, loss_ptr, lse_p
     u = 1.0 + z
     u_minus_1 = u - 1.0  # log1p(z) = log(u) * z / (u - 1) corrects the rounding of 1 + z
     log1p_z = tl.where(u_minus_1 == 0.0, z, tl.log(u) * (z / tl.where(u_minus_1 == 0.0, 1.0, u_minus_1)))
-    pos_weight = tl.load(pos_weight_ptr + j)
-    loss = pos_weight * ((row_max - target_logit) + log1p_z)
+    position_weight = tl.load(position_weight_ptr + j)
+    loss = position_weight * ((row_max - target_logit) + log1p_z)
     # A bad code shows as NaN (0 / 0: a NaN global would fail Triton's check, NaN != NaN, that globals
     # are unchanged since compilation).
     loss = tl.where(in_range, loss, tl.zeros_like(loss) / tl.zeros_like(loss))
@@ -140,7 +140,7 @@ def _code_ce_fwd_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, loss_ptr, lse_p
 
 
 @triton.jit
-def _grad_cos_tile(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
+def _grad_cos_tile(x_ptr, w_ptr, codes_ptr, position_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
                    B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
                    scale, cos_m, sin_m, m3, fallback_shift, ignore_index,
                    DOT_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -153,7 +153,7 @@ def _grad_cos_tile(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_p
     rows = offs_b * L + j  # codes, grad_loss and lse are contiguous (B, L)
     target = tl.load(codes_ptr + rows, mask=b_mask, other=ignore_index).to(tl.int64)
     active = b_mask & (target != ignore_index) & (target >= 0) & (target < V)
-    grad_row = tl.load(grad_loss_ptr + rows, mask=b_mask, other=0.0) * tl.load(pos_weight_ptr + j)
+    grad_row = tl.load(grad_loss_ptr + rows, mask=b_mask, other=0.0) * tl.load(position_weight_ptr + j)
     lse = tl.load(lse_ptr + rows, mask=b_mask, other=0.0)
     cos, nx, nw = _cosine_tile(x_ptr + offs_b * stride_xb + j * stride_xl, w_ptr + j * stride_wl + offs_v * stride_wv,
                                b_mask, v_mask, D, stride_xd, stride_wd, acc_dtype, DOT_DTYPE, NORMALIZE,
@@ -179,7 +179,7 @@ def _accumulate_dot(acc, a, b, in_dtype: tl.constexpr, DOT_DTYPE: tl.constexpr, 
 
 
 @triton.jit
-def _code_ce_bwd_atomic_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr,
+def _code_ce_bwd_atomic_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, grad_loss_ptr, lse_ptr,
                                grad_f_ptr, grad_w_ptr, row_dot_ptr, col_dot_ptr,
                                B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
                                rows_per_sample,
@@ -200,7 +200,7 @@ def _code_ce_bwd_atomic_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_los
     b_mask = offs_b < B
     v_mask = offs_v < V
     grad_cos, cos, nx, nw = _grad_cos_tile(
-        x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
+        x_ptr, w_ptr, codes_ptr, position_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
         B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
         scale, cos_m, sin_m, m3, fallback_shift, ignore_index, DOT_DTYPE, NORMALIZE, BLOCK_B, BLOCK_V, BLOCK_D)
     f_rows = offs_b * rows_per_sample + j * (rows_per_sample // L)  # 3-D x: + j; shared x (1 row): + 0
@@ -248,7 +248,7 @@ def _chunk_range(items_per_chunk, num_items):
 
 
 @triton.jit
-def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr,
+def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, grad_loss_ptr, lse_ptr,
                                  grad_f_ptr, row_dot_ptr,
                                  B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
                                  positions_per_row, items_per_chunk,
@@ -276,7 +276,7 @@ def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_l
         j = first_position + item // num_v_tiles
         offs_v = (item % num_v_tiles) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         grad_cos, cos, nx, nw = _grad_cos_tile(
-            x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
+            x_ptr, w_ptr, codes_ptr, position_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
             B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
             scale, cos_m, sin_m, m3, fallback_shift, ignore_index, DOT_DTYPE, NORMALIZE, BLOCK_B, BLOCK_V, BLOCK_D)
         if NORMALIZE:
@@ -293,7 +293,7 @@ def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_l
 
 
 @triton.jit
-def _code_ce_bwd_weight_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr,
+def _code_ce_bwd_weight_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, grad_loss_ptr, lse_ptr,
                                grad_w_ptr, col_dot_ptr,
                                B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
                                tiles_per_chunk,
@@ -317,7 +317,7 @@ def _code_ce_bwd_weight_kernel(x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_los
     for tile in range(tile_start, tile_end):
         offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
         grad_cos, cos, nx, nw = _grad_cos_tile(
-            x_ptr, w_ptr, codes_ptr, pos_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
+            x_ptr, w_ptr, codes_ptr, position_weight_ptr, grad_loss_ptr, lse_ptr, offs_b, offs_v, j,
             B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
             scale, cos_m, sin_m, m3, fallback_shift, ignore_index, DOT_DTYPE, NORMALIZE, BLOCK_B, BLOCK_V, BLOCK_D)
         if NORMALIZE:
@@ -425,7 +425,7 @@ def _features_by_position(x, L):
 
 
 def _position_weights(position_weight, L, dtype, device):
-    """lambda as a contiguous (L,) tensor in the accumulation dtype; all ones when None."""
+    """position_weight as a contiguous (L,) tensor in the accumulation dtype; all ones when None."""
     if position_weight is None:
         return torch.ones(L, dtype=dtype, device=device)
     return position_weight.to(device=device, dtype=dtype).contiguous()
