@@ -46,8 +46,7 @@ def find_cuda_toolkit(environ) -> tuple[str | None, str]:
             return environ[variable], variable
     nvcc = shutil.which("nvcc", path=environ.get("PATH"))
     if nvcc is not None:
-        root = nvcc_root(nvcc)
-        return (root, f"nvcc at {nvcc}") if root else (os.path.dirname(os.path.dirname(nvcc)), f"nvcc at {nvcc}")
+        return nvcc_root(nvcc) or os.path.dirname(os.path.dirname(nvcc)), f"nvcc at {nvcc}"
     if os.path.isdir("/usr/local/cuda"):
         return "/usr/local/cuda", "the default location"
     return None, "no CUDA_HOME, no nvcc on PATH, no /usr/local/cuda"

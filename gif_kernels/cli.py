@@ -1,9 +1,10 @@
 """What the command-line tools share: every mistake ends the program with one line on stderr,
 `error: <argument>: <what was wrong>`, and exit status 2; `--help` shows each default once.
 
-The library's own checks already raise ValueError / TypeError / FileNotFoundError with messages
-that start with the argument's name; a tool runs the part of its work that can meet bad input
-under `one_line_errors()` so that those become the one line instead of a traceback.
+The library's own checks raise ValueError with messages that start with the argument's name; a
+tool runs the part of its work that can meet bad input under `one_line_errors()`, so that those
+(and a file that cannot be read or written, or a missing optional package) become the one line
+instead of a traceback.
 """
 import argparse
 import contextlib
