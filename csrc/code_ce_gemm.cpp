@@ -176,11 +176,11 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     at::Tensor grad_for_rows = at::empty({nb, L, V}, factor_options);
     at::Tensor feats_lo = halves ? at::empty({nb, L, V}, factor_options) : at::Tensor();
     at::Tensor rows_lo = halves ? at::empty({nb, L, V}, factor_options) : at::Tensor();
-    at::Tensor feat_dot = at::empty({nb, L}, acc_options);
+    at::Tensor feat_cos_dot = at::empty({nb, L}, acc_options);
     const at::Tensor feat_norm = slice_or_undefined(o.feat_norm, b0, b1);
     row_step({block_dots(o, b0, b1), feat_norm, o.row_norm, codes64.slice(0, b0, b1), o.position_weight,
               grad_rows.slice(0, b0, b1), saved_lse.slice(0, b0, b1), grad_for_feats, grad_for_rows, feats_lo,
-              rows_lo, feat_dot, scale, m2, m3, ignore_index});
+              rows_lo, feat_cos_dot, scale, m2, m3, ignore_index});
     const Parts for_feats = factor_parts(grad_for_feats, feats_lo);
     const Parts for_rows = factor_parts(grad_for_rows, rows_lo);
     const at::Tensor feats = o.feats.slice(0, b0, b1);
@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
       at::Tensor grad_rows_2d = grad_rows_acc.view({L * V, D});
       const auto flat_t = [&](const at::Tensor& t) { return t.view({nb, L * V}).t(); };
       matmul_parts_into(grad_rows_2d, map_parts(for_rows, flat_t), feats.squeeze(1), true);
-      if (normalize) feat_dot = feat_dot.sum(1, /*keepdim=*/true);
+      if (normalize) feat_cos_dot = feat_cos_dot.sum(1, /*keepdim=*/true);
     } else {
       at::Tensor grad_block_by_position = at::empty({L, nb, D}, acc_options);
       const auto by_position = [](const at::Tensor& t) { return t.transpose(0, 1); };
@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     if (normalize) {
       // Through v / ||v||: grad = (grad_unit - unit * (unit . grad_unit)) / ||v||, unit = v / ||v||.
       const at::Tensor norm = feat_norm.unsqueeze(-1);
-      grad_block.addcmul_(feats.to(o.acc), feat_dot.unsqueeze(-1) / norm, -1).div_(norm);
+      grad_block.addcmul_(feats.to(o.acc), feat_cos_dot.unsqueeze(-1) / norm, -1).div_(norm);
     }
   }
   if (normalize) {
@@ -212,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     // (grad_unit = grad_rows_acc: sum_b dLoss/dcos * unit feature).
     const at::Tensor norm = o.row_norm.unsqueeze(-1);
     const at::Tensor rows = o.rows.to(o.acc);
-    const at::Tensor unit_dot = at::linalg_vecdot(grad_rows_acc, rows).unsqueeze(-1) / norm;
-    grad_rows_acc.addcmul_(rows, unit_dot.div(norm), -1).div_(norm);
+    const at::Tensor row_cos_dot = at::linalg_vecdot(grad_rows_acc, rows).unsqueeze(-1) / norm;
+    grad_rows_acc.addcmul_(rows, row_cos_dot.div(norm), -1).div_(norm);
   }
   at::Tensor grad_x = (x.dim() == 2 ? grad_feats.squeeze(1) : grad_feats).to(x.scalar_type());
   return {grad_x, grad_rows_acc.to(weight.scalar_type())};

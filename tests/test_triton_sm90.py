@@ -46,7 +46,8 @@ def resource_usage(kernel, arg_types, constexprs, num_warps):
 def code_ce_types(dtype):
     pointer, _ = TL_TYPES[dtype]
     types = {name: "*fp32" for name in ("position_weight_ptr", "loss_ptr", "lse_ptr", "grad_loss_ptr", "grad_f_ptr",
-                                        "grad_w_ptr", "row_dot_ptr", "col_dot_ptr", "parts_ptr", "dot_parts_ptr")}
+                                        "grad_w_ptr", "feat_cos_dot_ptr", "row_cos_dot_ptr", "parts_ptr",
+                                        "cos_dot_parts_ptr")}
     return dict(types, x_ptr=pointer, w_ptr=pointer, vec_ptr=pointer, out_ptr=pointer, codes_ptr="*i64")
 
 

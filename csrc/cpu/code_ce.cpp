@@ -105,7 +105,7 @@ void backward_rows(const BackwardBlock& blk) {
     const scalar_t* lse_row = blk.lse.data_ptr<scalar_t>();
     scalar_t* for_feats = blk.grad_for_feats.data_ptr<scalar_t>();
     scalar_t* for_rows = blk.grad_for_rows.data_ptr<scalar_t>();
-    scalar_t* cos_dot = blk.cos_dot.data_ptr<scalar_t>();
+    scalar_t* feat_cos_dot = blk.feat_cos_dot.data_ptr<scalar_t>();
     at::parallel_for(0, nb * L, kRowsPerTask, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> cos(V);
       for (int64_t r = begin; r < end; ++r) {
@@ -116,7 +116,7 @@ void backward_rows(const BackwardBlock& blk) {
         if (t == rp.ignore_index) {
           std::fill(gf, gf + V, scalar_t(0));
           std::fill(gr, gr + V, scalar_t(0));
-          cos_dot[r] = 0;
+          feat_cos_dot[r] = 0;
           continue;
         }
         c.store(V, cos.data());
@@ -151,7 +151,7 @@ void backward_rows(const BackwardBlock& blk) {
         dot += g_t * cos_t;
         gf[t] = normalize ? g_t / c.row_norm[t] : g_t;
         gr[t] = normalize ? g_t / c.feat_norm : g_t;
-        cos_dot[r] = dot;
+        feat_cos_dot[r] = dot;
       }
     });
   });

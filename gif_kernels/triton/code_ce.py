@@ -180,7 +180,7 @@ def _accumulate_dot(acc, a, b, in_dtype: tl.constexpr, DOT_DTYPE: tl.constexpr, 
 
 @triton.jit
 def _code_ce_bwd_atomic_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, grad_loss_ptr, lse_ptr,
-                               grad_f_ptr, grad_w_ptr, row_dot_ptr, col_dot_ptr,
+                               grad_f_ptr, grad_w_ptr, feat_cos_dot_ptr, row_cos_dot_ptr,
                                B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
                                rows_per_sample,
                                scale: tl.float64, cos_m: tl.float64, sin_m: tl.float64, m3: tl.float64,
@@ -190,7 +190,7 @@ def _code_ce_bwd_atomic_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, gra
     """The default backward, one program per (BLOCK_B samples, BLOCK_V codes, position j): each cosine tile is
     recomputed once, and its gradients are added with atomics (so the order of the sums varies run to run):
     grad_f[f_row] += (grad_cos / ||w||) @ W, grad_w[j, v] += (grad_cos / ||f||)^T @ F, and (NORMALIZE)
-    row_dot[f_row] += sum_v grad_cos * cos, col_dot[j, v] += sum_b grad_cos * cos.
+    feat_cos_dot[f_row] += sum_v grad_cos * cos, row_cos_dot[j, v] += sum_b grad_cos * cos.
     f_row = b * L + j for 3-D x (rows_per_sample = L), b for shared 2-D x (rows_per_sample = 1)."""
     acc_dtype = lse_ptr.dtype.element_ty
     in_dtype = x_ptr.dtype.element_ty
@@ -207,8 +207,8 @@ def _code_ce_bwd_atomic_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, gra
     w_rows = j * V + offs_v
     if NORMALIZE:
         grad_cos_times_cos = grad_cos * cos
-        tl.atomic_add(row_dot_ptr + f_rows, tl.sum(grad_cos_times_cos, axis=1), mask=b_mask)
-        tl.atomic_add(col_dot_ptr + w_rows, tl.sum(grad_cos_times_cos, axis=0), mask=v_mask)
+        tl.atomic_add(feat_cos_dot_ptr + f_rows, tl.sum(grad_cos_times_cos, axis=1), mask=b_mask)
+        tl.atomic_add(row_cos_dot_ptr + w_rows, tl.sum(grad_cos_times_cos, axis=0), mask=v_mask)
     grad_cos_for_f = grad_cos * (1.0 / nw)[None, :]
     grad_cos_for_w = tl.trans(grad_cos * (1.0 / nx)[:, None])
     for d0 in range(0, D, BLOCK_D):
@@ -249,7 +249,7 @@ def _chunk_range(items_per_chunk, num_items):
 
 @triton.jit
 def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, grad_loss_ptr, lse_ptr,
-                                 grad_f_ptr, row_dot_ptr,
+                                 grad_f_ptr, feat_cos_dot_ptr,
                                  B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
                                  positions_per_row, items_per_chunk,
                                  scale: tl.float64, cos_m: tl.float64, sin_m: tl.float64, m3: tl.float64,
@@ -260,7 +260,7 @@ def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, g
     """Partial gradient of the feature rows: one program per (BLOCK_B samples x BLOCK_DO of D, first position,
     chunk). A feature row serves `positions_per_row` positions from the first one on (L for shared 2-D x, 1 for
     3-D x); the program sums grad_f[row] += (grad_cos / ||w||) @ W over its chunk of the (position, V tile)
-    items, and (NORMALIZE) row_dot[row] += sum_v grad_cos * cos. Chunk c writes slot c of the partials, which
+    items, and (NORMALIZE) feat_cos_dot[row] += sum_v grad_cos * cos. Chunk c writes slot c of the partials, which
     the finishing kernel adds in order: no atomics, so the result is bitwise reproducible."""
     acc_dtype = lse_ptr.dtype.element_ty
     in_dtype = x_ptr.dtype.element_ty
@@ -271,7 +271,7 @@ def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, g
     first_position = tl.program_id(1).to(tl.int64)
     chunk, item_start, item_end = _chunk_range(items_per_chunk, positions_per_row * num_v_tiles)
     acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=acc_dtype)
-    row_dot = tl.zeros((BLOCK_B,), dtype=acc_dtype)
+    feat_cos_dot = tl.zeros((BLOCK_B,), dtype=acc_dtype)
     for item in range(item_start, item_end):
         j = first_position + item // num_v_tiles
         offs_v = (item % num_v_tiles) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -280,7 +280,7 @@ def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, g
             B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
             scale, cos_m, sin_m, m3, fallback_shift, ignore_index, DOT_DTYPE, NORMALIZE, BLOCK_B, BLOCK_V, BLOCK_D)
         if NORMALIZE:
-            row_dot += tl.sum(grad_cos * cos, axis=1)
+            feat_cos_dot += tl.sum(grad_cos * cos, axis=1)
         w = tl.load(w_ptr + j * stride_wl + offs_v[:, None] * stride_wv + offs_do[None, :] * stride_wd,
                     mask=(offs_v < V)[:, None] & do_mask[None, :], other=0.0).to(DOT_DTYPE)
         acc = _accumulate_dot(acc, grad_cos * (1.0 / nw)[None, :], w, in_dtype, DOT_DTYPE, SPLIT_GRAD_COS)
@@ -289,12 +289,12 @@ def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, g
     tl.store(grad_f_ptr + (chunk * num_rows + f_rows)[:, None] * D + offs_do[None, :], acc,
              mask=b_mask[:, None] & do_mask[None, :])
     if pid_d == 0:  # every column tile computes the same dots; one stores them
-        tl.store(row_dot_ptr + chunk * num_rows + f_rows, row_dot, mask=b_mask)
+        tl.store(feat_cos_dot_ptr + chunk * num_rows + f_rows, feat_cos_dot, mask=b_mask)
 
 
 @triton.jit
 def _code_ce_bwd_weight_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, grad_loss_ptr, lse_ptr,
-                               grad_w_ptr, col_dot_ptr,
+                               grad_w_ptr, row_cos_dot_ptr,
                                B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
                                tiles_per_chunk,
                                scale: tl.float64, cos_m: tl.float64, sin_m: tl.float64, m3: tl.float64,
@@ -303,7 +303,7 @@ def _code_ce_bwd_weight_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, gra
                                BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_DO: tl.constexpr):
     """Partial gradient of the weight rows: one program per (BLOCK_V codes x BLOCK_DO of D, position j, chunk).
-    It sums grad_w[j, v] += (grad_cos / ||f||)^T @ F and (NORMALIZE) col_dot[j, v] += sum_b grad_cos * cos
+    It sums grad_w[j, v] += (grad_cos / ||f||)^T @ F and (NORMALIZE) row_cos_dot[j, v] += sum_b grad_cos * cos
     over its chunk of sample tiles, into slot `chunk` of the partials (added in order by the finishing kernel)."""
     acc_dtype = lse_ptr.dtype.element_ty
     in_dtype = x_ptr.dtype.element_ty
@@ -313,7 +313,7 @@ def _code_ce_bwd_weight_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, gra
     j = tl.program_id(1).to(tl.int64)
     chunk, tile_start, tile_end = _chunk_range(tiles_per_chunk, tl.cdiv(B, BLOCK_B))
     acc = tl.zeros((BLOCK_V, BLOCK_DO), dtype=acc_dtype)
-    col_dot = tl.zeros((BLOCK_V,), dtype=acc_dtype)
+    row_cos_dot = tl.zeros((BLOCK_V,), dtype=acc_dtype)
     for tile in range(tile_start, tile_end):
         offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
         grad_cos, cos, nx, nw = _grad_cos_tile(
@@ -321,7 +321,7 @@ def _code_ce_bwd_weight_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, gra
             B, L, V, D, stride_xb, stride_xl, stride_xd, stride_wl, stride_wv, stride_wd,
             scale, cos_m, sin_m, m3, fallback_shift, ignore_index, DOT_DTYPE, NORMALIZE, BLOCK_B, BLOCK_V, BLOCK_D)
         if NORMALIZE:
-            col_dot += tl.sum(grad_cos * cos, axis=0)
+            row_cos_dot += tl.sum(grad_cos * cos, axis=0)
         f = tl.load(x_ptr + offs_b[:, None] * stride_xb + j * stride_xl + offs_do[None, :] * stride_xd,
                     mask=(offs_b < B)[:, None] & do_mask[None, :], other=0.0).to(DOT_DTYPE)
         acc = _accumulate_dot(acc, tl.trans(grad_cos * (1.0 / nx)[:, None]), f, in_dtype, DOT_DTYPE,
@@ -331,15 +331,15 @@ def _code_ce_bwd_weight_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, gra
     tl.store(grad_w_ptr + (chunk * num_rows + w_rows)[:, None] * D + offs_do[None, :], acc,
              mask=v_mask[:, None] & do_mask[None, :])
     if pid_d == 0:
-        tl.store(col_dot_ptr + chunk * num_rows + w_rows, col_dot, mask=v_mask)
+        tl.store(row_cos_dot_ptr + chunk * num_rows + w_rows, row_cos_dot, mask=v_mask)
 
 
 @triton.jit
-def _finish_rows_kernel(parts_ptr, dot_parts_ptr, vec_ptr, out_ptr, R, D, num_parts, rows_per_outer, stride_outer,
+def _finish_rows_kernel(parts_ptr, cos_dot_parts_ptr, vec_ptr, out_ptr, R, D, num_parts, rows_per_outer, stride_outer,
                         stride_inner, stride_d, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     """out_r = the sum of the partial gradients (num_parts, R, D), in order; with NORMALIZE, chained through
-    v / max(||v||, eps): out_r = (acc_r - v_r * dot_r / ||v_r||) / ||v_r||.
+    v / max(||v||, eps): out_r = (acc_r - v_r * cos_dot_r / ||v_r||) / ||v_r||.
 
     Row r of vec sits at (r // rows_per_outer) * stride_outer + (r % rows_per_outer) * stride_inner. Below eps
     the norm is a constant, so the projection drops out.
@@ -359,7 +359,7 @@ def _finish_rows_kernel(parts_ptr, dot_parts_ptr, vec_ptr, out_ptr, R, D, num_pa
         inv_norm = 1.0 / tl.maximum(norm, _NORM_EPS)
         dot = tl.zeros((BLOCK_R,), dtype=acc_dtype)
         for part in range(num_parts):
-            dot += tl.load(dot_parts_ptr + part * R + offs_r, mask=r_mask, other=0.0)
+            dot += tl.load(cos_dot_parts_ptr + part * R + offs_r, mask=r_mask, other=0.0)
         coef = tl.where(norm >= _NORM_EPS, dot * inv_norm, 0.0)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
@@ -473,14 +473,14 @@ def _finish_block_sizes(D):
     return dict(BLOCK_R=16, BLOCK_D=min(max(triton.next_power_of_2(D), 16), 128))
 
 
-def _finish_grad(parts, dot_parts, vec, rows_per_outer, stride_outer, stride_inner, normalize, shape, dtype):
+def _finish_grad(parts, cos_dot_parts, vec, rows_per_outer, stride_outer, stride_inner, normalize, shape, dtype):
     """Sum the (chunks, R, D) partial gradients, apply the normalization's projection (if any) and cast to
     (shape, dtype)."""
     out = torch.empty(shape, dtype=dtype, device=parts.device)
     num_parts, R, D = parts.shape
     blocks = _finish_block_sizes(D)
     _finish_rows_kernel[(triton.cdiv(R, blocks["BLOCK_R"]),)](
-        parts, dot_parts, vec, out, R, D, num_parts, rows_per_outer, stride_outer, stride_inner, vec.stride(-1),
+        parts, cos_dot_parts, vec, out, R, D, num_parts, rows_per_outer, stride_outer, stride_inner, vec.stride(-1),
         NORMALIZE=normalize, **blocks, **LAUNCH_OPTIONS)
     return out
 
@@ -501,26 +501,26 @@ def code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m
     meta = dict(DOT_DTYPE=_dot_dtype(x.dtype), SPLIT_GRAD_COS=x.dtype in (torch.float16, torch.bfloat16),
                 NORMALIZE=normalize)
     if deterministic:
-        grad_f, row_dot, grad_w, col_dot = _deterministic_partials(args, shapes, margins, meta, rows_per_sample,
-                                                                   acc_dtype)
+        grad_f, feat_cos_dot, grad_w, row_cos_dot = _deterministic_partials(
+            args, shapes, margins, meta, rows_per_sample, acc_dtype)
     else:
         grad_f = torch.zeros((1, B * rows_per_sample, D), dtype=acc_dtype, device=x.device)
         grad_w = torch.zeros((1, L * V, D), dtype=acc_dtype, device=x.device)
-        row_dot = torch.zeros((1, B * rows_per_sample), dtype=acc_dtype, device=x.device)
-        col_dot = torch.zeros((1, L * V), dtype=acc_dtype, device=x.device)
+        feat_cos_dot = torch.zeros((1, B * rows_per_sample), dtype=acc_dtype, device=x.device)
+        row_cos_dot = torch.zeros((1, L * V), dtype=acc_dtype, device=x.device)
         block_b, block_v, block_d, num_warps = _tile_sizes(B, V, D, x.dtype)
         _code_ce_bwd_atomic_kernel[(triton.cdiv(B, block_b), triton.cdiv(V, block_v), L)](
-            *args, grad_f, grad_w, row_dot, col_dot, *shapes, rows_per_sample, *margins, **meta,
+            *args, grad_f, grad_w, feat_cos_dot, row_cos_dot, *shapes, rows_per_sample, *margins, **meta,
             BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps, **LAUNCH_OPTIONS)
-    grad_x = _finish_grad(grad_f, row_dot, x, rows_per_sample, x.stride(0), x.stride(1) if x.dim() == 3 else 0,
+    grad_x = _finish_grad(grad_f, feat_cos_dot, x, rows_per_sample, x.stride(0), x.stride(1) if x.dim() == 3 else 0,
                           normalize, x.shape, x.dtype)
-    grad_weight = _finish_grad(grad_w, col_dot, weight, V, weight.stride(0), weight.stride(1),
+    grad_weight = _finish_grad(grad_w, row_cos_dot, weight, V, weight.stride(0), weight.stride(1),
                                normalize, weight.shape, weight.dtype)
     return grad_x, grad_weight
 
 
 def _deterministic_partials(args, shapes, margins, meta, rows_per_sample, acc_dtype):
-    """(grad_f, row_dot, grad_w, col_dot) partial sums, (chunks, rows, D) and (chunks, rows), of the two
+    """(grad_f, feat_cos_dot, grad_w, row_cos_dot) partial sums, (chunks, rows, D) and (chunks, rows), of the two
     atomic-free backward kernels: one summing over codes per feature row, one over samples per weight row."""
     x = args[0]
     B, L, V, D = shapes[:4]
@@ -531,15 +531,15 @@ def _deterministic_partials(args, shapes, margins, meta, rows_per_sample, acc_dt
     chunks, items_per_chunk = _chunks(feature_tiles * rows_per_sample,
                                       positions_per_row * triton.cdiv(V, features_meta["BLOCK_V"]), x.device)
     grad_f = torch.empty((chunks, B * rows_per_sample, D), dtype=acc_dtype, device=x.device)
-    row_dot = torch.empty((chunks, B * rows_per_sample), dtype=acc_dtype, device=x.device)
+    feat_cos_dot = torch.empty((chunks, B * rows_per_sample), dtype=acc_dtype, device=x.device)
     _code_ce_bwd_features_kernel[(feature_tiles, rows_per_sample, chunks)](
-        *args, grad_f, row_dot, *shapes, positions_per_row, items_per_chunk, *margins, **meta, **features_meta,
+        *args, grad_f, feat_cos_dot, *shapes, positions_per_row, items_per_chunk, *margins, **meta, **features_meta,
         **LAUNCH_OPTIONS)
 
     weight_tiles = triton.cdiv(V, weight_meta["BLOCK_V"]) * triton.cdiv(D, weight_meta["BLOCK_DO"])
     chunks, tiles_per_chunk = _chunks(weight_tiles * L, triton.cdiv(B, weight_meta["BLOCK_B"]), x.device)
     grad_w = torch.empty((chunks, L * V, D), dtype=acc_dtype, device=x.device)
-    col_dot = torch.empty((chunks, L * V), dtype=acc_dtype, device=x.device)
+    row_cos_dot = torch.empty((chunks, L * V), dtype=acc_dtype, device=x.device)
     _code_ce_bwd_weight_kernel[(weight_tiles, L, chunks)](
-        *args, grad_w, col_dot, *shapes, tiles_per_chunk, *margins, **meta, **weight_meta, **LAUNCH_OPTIONS)
-    return grad_f, row_dot, grad_w, col_dot
+        *args, grad_w, row_cos_dot, *shapes, tiles_per_chunk, *margins, **meta, **weight_meta, **LAUNCH_OPTIONS)
+    return grad_f, feat_cos_dot, grad_w, row_cos_dot
