@@ -20,17 +20,16 @@ are not (a margin below 0 at one position or more).
 """
 import argparse
 import platform
-import time
 
 import torch
 
 import gif_kernels
 from gif_kernels import CodeBook, code_beam_search, exhaustive_code_topk
 from gif_kernels.cli import ArgumentParser
+from harness import elapsed_ms, parse_count, times_ms
 
 BRUTE_FORCE_BLOCK = 1 << 20  # identity vectors held at once by the brute-force baseline
 DEFAULT_TRIES = ("1Mx16x5", "10Mx16x6", "10Mx256x3")
-COUNT_SUFFIXES = {"K": 10**3, "M": 10**6}
 MARGIN_MEAN, MARGIN_STD = 3.0, 2.0  # logit margin of the query's identity token, over unit noise
 
 
@@ -38,13 +37,11 @@ def parse_trie(text):
     """NxVxL with N like 1M or 250K: identities, vocabulary, code length."""
     try:
         count, vocab, length = text.split("x")
-        scale = COUNT_SUFFIXES.get(count[-1].upper(), 1)
-        num_ids = int(float(count[:-1] if scale > 1 else count) * scale)
-        spec = num_ids, int(vocab), int(length)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--tries: expected NxVxL like 1Mx16x5, got {text!r}") from None
-    if spec[0] < 1 or spec[1] < 2 or spec[2] < 1 or spec[1] ** spec[2] < spec[0]:
-        raise argparse.ArgumentTypeError(f"--tries: {text!r} needs N >= 1, V >= 2, L >= 1, V**L >= N")
+        spec = parse_count(count), int(vocab), int(length)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected NxVxL like 1Mx16x5, got {text!r}") from None
+    if spec[1] < 2 or spec[2] < 1 or spec[1] ** spec[2] < spec[0]:
+        raise argparse.ArgumentTypeError(f"{text!r} needs V >= 2, L >= 1, V**L >= N")
     return spec
 
 
@@ -64,16 +61,7 @@ def peaked_logits(codes, num_queries, vocab, gen):
 def best_seconds(fn, device, repeats):
     """Fastest of `repeats` timed calls after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(times_ms(fn, device, repeats)) / 1e3
 
 
 def brute_force_topk(features, vectors, num_ids, topk):
@@ -96,8 +84,10 @@ def recall(ids, reference_ids, k):
 
 
 def beam_search_backends(device):
-    return [b for b in ("cpu", "cuda", "triton")
-            if (b == "triton" or b == device.type) and gif_kernels.ops.has_beam_search_kernel(b, device)]
+    """The device's C++ kernel and Triton, where each runs (Triton on CPU tensors only in its interpreter)."""
+    triton_runs = device.type == "cuda" or gif_kernels.triton.interpreted()
+    return [b for b in (device.type, "triton")
+            if (b != "triton" or triton_runs) and gif_kernels.ops.has_beam_search_kernel(b, device)]
 
 
 def main():
@@ -112,6 +102,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if min(args.beams) < args.topk:
+        parser.error(f"--beams: expected each >= --topk = {args.topk}, got {min(args.beams)}")
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(args.seed)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device "
@@ -140,9 +132,11 @@ def main():
             return (features @ head.T).view(-1, length, vocab).log_softmax(-1)
 
         head_seconds = best_seconds(head_scores, device, args.repeats)
-        start = time.perf_counter()  # exhaustive scoring is slow at 10M: timed once, untimed warm-up
-        reference_ids = exhaustive_code_topk(scores, trie, args.topk)[0]
-        qps = args.queries / (head_seconds + time.perf_counter() - start)
+        exhaustive = []  # slow at 10M: timed once, without a warm-up
+        exhaustive_ms = elapsed_ms(lambda: exhaustive.append(exhaustive_code_topk(scores, trie, args.topk)[0]),
+                                   device)
+        reference_ids = exhaustive[0]
+        qps = args.queries / (head_seconds + exhaustive_ms / 1e3)
         print(f"| {num_ids:,} | {vocab} | {length} | exhaustive | {qps:,.0f} | {qps / baseline:,.1f}x | "
               f"1.000 | 1.000 | 1.000 |", flush=True)
         for beam in args.beams:

@@ -13,13 +13,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
 
 import gif_kernels
 from gif_kernels import reference
 from gif_kernels.cli import ArgumentParser
+from harness import times_ms
 
 DEFAULT_SHAPES = {"cpu": ["512x6x16x512", "512x3x256x512", "256x2x4096x512"],
                   "cuda": ["512x6x16x512", "512x4x64x512", "512x3x256x512", "4096x2x4096x512",
@@ -36,23 +36,10 @@ def parse_shape(text):
 
 
 def median_ms(fn, device, repeats):
-    """Median wall time of fn() in ms: CUDA events on a GPU, perf_counter on the CPU."""
+    """Median time of fn() in ms after three warm-up calls."""
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times_ms(fn, device, repeats))
 
 
 def training_step(loss_fn, x, weight, codes, margin):

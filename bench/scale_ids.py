@@ -22,15 +22,11 @@ import argparse
 import csv
 import dataclasses
 import functools
-import gc
 import json
-import os
 import platform
-import re
 import statistics
 import sys
 import time
-from decimal import Decimal, DecimalException
 from pathlib import Path
 
 import torch
@@ -42,15 +38,14 @@ from gif_kernels import reference
 from gif_kernels.cli import ArgumentParser
 from gif_kernels.tokenize import default_length
 from gif_kernels.train.heads import partial_fc_classes
+from harness import (comma_list, format_count, format_si, free_bytes, head_flops, is_out_of_memory, parse_count,
+                     parse_rate, partial_fc_class_count, positive_int, release_memory, times_ms)
 
 SCALE = 64.0
 MARGIN = 0.4  # CosFace m3, as in fused_code_ce(m3=0.4)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FULL_SOFTMAX = "full softmax"
 METHOD_KINDS = ("full", "partial", "eager", "compile", "fused")
-MAX_IDS = 10**12  # keeps the analytic figures finite and meaningful
-COUNT_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
-COUNT = re.compile(r"(\d+\.?\d*|\.\d+)(e[+-]?\d+)?([kmg]?)", re.IGNORECASE)
 # What a row's speedup is measured against, by preference: full softmax where it ran, else the
 # fastest Partial FC, else the fastest code head in plain PyTorch (eager or torch.compile).
 BASELINE_KINDS = (("full",), ("partial",), ("eager", "compile"))
@@ -91,55 +86,10 @@ class Method:
 
 # ----------------------------------------------------------------------------- argument parsing
 
-def parse_count(text):
-    """'10M', '1.5M', '100K', '1e7', '10000000', '1G' -> a positive integer."""
-    match = COUNT.fullmatch(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"expected a count like 10M, 1.5M, 100K, 1e7 or 10000000, got {text!r}")
-    too_large = argparse.ArgumentTypeError(f"expected at most {MAX_IDS:.0e} identities, got {text!r}")
-    try:
-        value = Decimal(match[1] + (match[2] or "")) * COUNT_SUFFIXES[match[3].upper()]
-    except DecimalException:  # an exponent past what Decimal holds
-        raise too_large from None
-    if value > MAX_IDS:
-        raise too_large
-    if value < 1 or value != value.to_integral_value():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(value)
-
-
-def comma_list(parse_item):
-    """An argparse type that applies parse_item to each item of a comma-separated list."""
-    def parse(text):
-        return [parse_item(item) for item in text.split(",")]
-    return parse
-
-
-def parse_rate(text):
-    try:
-        rate = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < rate <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a sample rate in (0, 1], got {text!r}")
-    return rate
-
-
 def parse_method_kind(text):
     if text not in METHOD_KINDS:
         raise argparse.ArgumentTypeError(f"expected some of {', '.join(METHOD_KINDS)}, got {text!r}")
     return text
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def build_parser():
@@ -197,13 +147,8 @@ def head_classes(method, num_ids, batch, vocab, length):
     if method.kind == "full":
         return num_ids
     if method.kind == "partial":
-        return max(int(method.rate * num_ids), min(batch, num_ids))
+        return partial_fc_class_count(method.rate, num_ids, batch)
     return length * vocab
-
-
-def head_flops(batch, dim, classes):
-    """Forward + backward FLOPs of a C-class head: logits, grad of the features, grad of the weight."""
-    return 3 * 2 * batch * dim * classes
 
 
 def state_bytes(method, num_ids, classes, dim, elem_size):
@@ -299,40 +244,6 @@ def methods_for(args):
 
 # ----------------------------------------------------------------------------- measuring
 
-def free_bytes(device, budget_bytes):
-    """Memory a step may use now: free GPU memory, or on the CPU (Linux /proc) the available RAM
-    capped by what is left of the budget after this process's resident memory."""
-    if device == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    with open("/proc/meminfo") as f:
-        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    with open("/proc/self/statm") as f:
-        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return max(0, min(available, budget_bytes - resident))
-
-
-def step_ms(step, device):
-    """Milliseconds of one step: CUDA events on a GPU, perf_counter on the CPU."""
-    if device != "cuda":
-        start = time.perf_counter()
-        step()
-        return (time.perf_counter() - start) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
-def median_step_ms(step, device, repeats, max_seconds):
-    """(median ms, steps timed): up to `repeats` steps, fewer once max_seconds of them have run."""
-    times = []
-    while len(times) < repeats and sum(times) < max_seconds * 1e3:
-        times.append(step_ms(step, device))
-    return statistics.median(times), len(times)
-
-
 def cuda_peak_extra_bytes(step):
     """Peak CUDA memory of one step beyond what was allocated before it."""
     torch.cuda.synchronize()
@@ -343,11 +254,6 @@ def cuda_peak_extra_bytes(step):
     return torch.cuda.max_memory_allocated() - before
 
 
-def is_out_of_memory(error):
-    text = str(error).lower()
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text or "alloc" in text
-
-
 def measure(method, num_ids, length, args, compiled_loss):
     """{time_ms, timed_steps, peak_extra_bytes} of one row; raises what the step raises."""
     loss, params = make_head(method, num_ids, length, args, compiled_loss)
@@ -355,14 +261,8 @@ def measure(method, num_ids, length, args, compiled_loss):
     for _ in range(2 if args.device == "cuda" else 1):  # compiles, allocator and caches warm up
         step()
     peak = cuda_peak_extra_bytes(step) if args.device == "cuda" else None
-    time_ms, timed_steps = median_step_ms(step, args.device, args.repeats, args.max_seconds)
-    return {"time_ms": time_ms, "timed_steps": timed_steps, "peak_extra_bytes": peak}
-
-
-def release_memory(device):
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    times = times_ms(step, args.device, args.repeats, args.max_seconds)
+    return {"time_ms": statistics.median(times), "timed_steps": len(times), "peak_extra_bytes": peak}
 
 
 def run_row(row, method, args, compiled_loss):
@@ -437,24 +337,6 @@ def run_benchmark(args):
 
 
 # ----------------------------------------------------------------------------- output
-
-def format_count(value):
-    """10000000 -> '10M', 1500000 -> '1.5M', 512 -> '512'."""
-    for suffix, unit in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
-        if value >= unit:
-            return f"{value / unit:.4g}{suffix}"
-    return str(value)
-
-
-def format_si(value, unit):
-    """Three significant digits with a decimal prefix: format_si(1.57e13, 'FLOP') -> '15.7 TFLOP'."""
-    if value is None:
-        return "-"
-    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
-
 
 def format_ms(value):
     if value is None:

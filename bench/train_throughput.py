@@ -27,7 +27,6 @@ import json
 import math
 import platform
 import sys
-import time
 
 import torch
 
@@ -37,8 +36,8 @@ from gif_kernels.head import CodeHead
 from gif_kernels.tokenize import default_length, tokenize
 from gif_kernels.train.backbones import BACKBONES, build_backbone
 from gif_kernels.train.heads import FullSoftmaxHead, PartialFCHead
-from scale_ids import (comma_list, format_count, format_si, free_bytes, is_out_of_memory,
-                       parse_count, parse_rate, positive_int, release_memory)
+from harness import (comma_list, elapsed_ms, format_count, format_si, free_bytes, is_out_of_memory, parse_count,
+                     parse_rate, positive_int, release_memory)
 
 HEADS = ("gif", "full", "partial_fc")
 FLOAT32 = 4
@@ -112,22 +111,6 @@ def shortfall(needs, device):
 
 # ----------------------------------------------------------------------------- measuring
 
-def total_ms(step, steps, device):
-    """Wall time of `steps` steps run back to back: CUDA events on a GPU, perf_counter on the CPU."""
-    if device != "cuda":
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - start) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def measure(backbone, head, images, labels, args):
     """{step_ms, images_per_s, peak_cuda_bytes} of training backbone + head (None: the backbone alone)."""
     params = list(backbone.parameters()) + ([] if head is None else list(head.parameters()))
@@ -146,7 +129,7 @@ def measure(backbone, head, images, labels, args):
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):  # kernel autotuning, allocator and caches settle
         step()
-    step_ms = total_ms(step, args.steps, args.device) / args.steps
+    step_ms = elapsed_ms(step, args.device, calls=args.steps) / args.steps
     return {"step_ms": step_ms, "images_per_s": args.batch * 1e3 / step_ms,
             "peak_cuda_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else None}
 

@@ -12,8 +12,10 @@ from gif_kernels import CodeBook
 from gif_kernels.tokenize import __main__ as tokenizer
 from gif_kernels.train import evaluate, trainer
 
-from test_scale_ids import scale_ids
-from test_train import TINY, environment
+from tests.helpers.bench_scripts import bench_script
+from tests.helpers.trainer_runs import TINY, environment
+
+scale_ids = bench_script("scale_ids")
 
 ONE_LINE = re.compile(r"error: [^\n]+\n")
 

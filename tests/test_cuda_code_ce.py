@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gif_kernels
-from code_ce_cases import (CUDA_BOUNDARIES, MARGINS, SIZES, check_against_reference, make_inputs, op_samples,
+from tests.helpers.code_ce_cases import (CUDA_BOUNDARIES, MARGINS, SIZES, check_against_reference, make_inputs, op_samples,
                            opcheck_family)
 
 pytestmark = pytest.mark.cuda

@@ -4,9 +4,9 @@ CPU kernels, on machines without a GPU. The GPU runs the same sources through te
 import pytest
 import torch
 
-import emulated_cuda
-from beam_search_cases import random_codebook
-from code_ce_cases import CUDA_BOUNDARIES, MARGINS, check_against_reference, make_inputs
+from tests.helpers import emulated_cuda
+from tests.helpers.beam_search_cases import random_codebook
+from tests.helpers.code_ce_cases import CUDA_BOUNDARIES, MARGINS, check_against_reference, make_inputs
 from gif_kernels import reference
 
 

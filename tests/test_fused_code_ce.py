@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gif_kernels
-from code_ce_cases import (MARGINS, SIZES, arcface_fallback_hit, check_against_reference, make_inputs, op_samples,
+from tests.helpers.code_ce_cases import (MARGINS, SIZES, arcface_fallback_hit, check_against_reference, make_inputs, op_samples,
                            opcheck_family)
 
 

@@ -1,31 +1,18 @@
 """bench/scale_ids.py: argument parsing, the analytic FLOP and byte model against a hand count, and
 tiny end-to-end runs that write JSON, CSV and PNG."""
 import csv
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "scale_ids.py"
-spec = importlib.util.spec_from_file_location("scale_ids", SCRIPT)
-scale_ids = importlib.util.module_from_spec(spec)
-sys.modules["scale_ids"] = scale_ids  # dataclasses look their module up by name
-spec.loader.exec_module(scale_ids)
+from tests.helpers.bench_scripts import bench_script
+
+scale_ids = bench_script("scale_ids")
 
 TINY = ["--ids", "1000,5000", "--batch", "8", "--dim", "16", "--vocab", "4", "--device", "cpu",
         "--repeats", "2"]
-
-
-@pytest.mark.parametrize("text,count", [
-    ("10M", 10_000_000), ("1.5M", 1_500_000), ("100K", 100_000), ("1e7", 10_000_000),
-    ("10000000", 10_000_000), ("1G", 10**9), ("10m", 10_000_000), ("2.5e3", 2500), (".5K", 500),
-    ("1.1M", 1_100_000)])
-def test_parse_count(text, count):
-    assert scale_ids.parse_count(text) == count
 
 
 def test_ids_list_is_sorted_and_deduplicated():

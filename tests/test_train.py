@@ -1,6 +1,5 @@
 """The reference trainer end to end on tiny runs: metrics, checkpoints, kill and resume, DDP, evaluation."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,20 +12,9 @@ import torch
 from gif_kernels.train import checkpoint
 from gif_kernels.train.evaluate import verification, verification_pairs
 from gif_kernels.train.trainer import learning_rate, parse_run, train
+from tests.helpers.trainer_runs import TINY, command, environment
 
-# A run small enough for a few seconds on two CPU cores; tests add --out and what they vary.
-TINY = ["--data", "synthetic", "--ids", "6", "--images-per-id", "4", "--holdout-per-id", "2", "--verify-ids", "3",
-        "--image-size", "16", "--backbone", "cnn", "--embedding-dim", "16", "--vocab", "3", "--batch-size", "8",
-        "--steps", "6", "--checkpoint-every", "2", "--log-every", "1"]
 METRIC_KEYS = {"ident_top1", "ident_top5", "tar@far=1e-3", "tar@far=1e-4", "images_per_s", "head", "steps"}
-
-
-def command(*args):
-    return [sys.executable, "-m", "gif_kernels.train", *args]
-
-
-def environment():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def parameters(path):

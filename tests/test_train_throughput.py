@@ -1,19 +1,13 @@
 """bench/train_throughput.py: a tiny CPU run of every head, and rows that cannot fit skipped before
 anything is allocated."""
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))  # the script imports scale_ids from its own folder
-spec = importlib.util.spec_from_file_location("train_throughput", BENCH / "train_throughput.py")
-train_throughput = importlib.util.module_from_spec(spec)
-sys.modules["train_throughput"] = train_throughput
-spec.loader.exec_module(train_throughput)
+from tests.helpers.bench_scripts import bench_script
+
+train_throughput = bench_script("train_throughput")
 
 TINY = ["--backbone", "cnn", "--image-size", "32", "--batch", "8", "--embedding-dim", "16",
         "--steps", "2", "--warmup", "1", "--device", "cpu"]

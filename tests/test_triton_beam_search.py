@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gif_kernels
-from beam_search_cases import random_codebook
+from tests.helpers.beam_search_cases import random_codebook
 
 pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

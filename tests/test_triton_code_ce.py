@@ -3,7 +3,7 @@ under TRITON_INTERPRET=1 (slow, so a representative subset of the CPU grid)."""
 import pytest
 import torch
 
-from code_ce_cases import MARGINS, check_against_reference, make_inputs
+from tests.helpers.code_ce_cases import MARGINS, check_against_reference, make_inputs
 from gif_kernels.triton.code_ce import _deterministic_partials
 
 pytestmark = pytest.mark.triton

@@ -9,7 +9,7 @@ import re
 import torch
 from torch.utils import cpp_extension
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INCLUDE = os.path.join(ROOT, "tests", "cuda_emulation", "include")
 BUILD = os.path.join(ROOT, "build", "emulated_cuda")
 
