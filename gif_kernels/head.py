@@ -81,8 +81,8 @@ class CodeHead(nn.Module):
             bound = 1.0 / math.sqrt(feature_dim)  # nn.Linear's initialization, per position
             self.proj_weight = nn.Parameter(torch.empty(length, feature_dim, proj_dim).uniform_(-bound, bound))
             self.proj_bias = nn.Parameter(torch.empty(length, proj_dim).uniform_(-bound, bound))
-        # insightface's classifier initialization: N(0, 0.01); only the direction of a row matters.
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (length, vocab, proj_dim or feature_dim)))
+        self.weight = nn.Parameter(torch.empty(length, vocab, proj_dim or feature_dim))
+        self.reset_classifier()
         self.anchor_vectors = None
         if anchor_vectors is not None:
             if tuple(anchor_vectors.shape) != (codebook.num_ids, feature_dim):
@@ -93,6 +93,24 @@ class CodeHead(nn.Module):
             if anchor_vectors.device.type == "cpu" and torch.cuda.is_available():
                 anchor_vectors = anchor_vectors.pin_memory()  # rows gathered per step copy without a stall
             self.anchor_vectors = anchor_vectors  # data, not a parameter: kept out of state_dict
+
+    @torch.no_grad()
+    def reset_classifier(self, generator: torch.Generator | None = None):
+        """Draws the classifier weights afresh: insightface's N(0, 0.01) (only a row's direction matters)."""
+        self.weight.normal_(0.0, 0.01, generator=generator)
+
+    def set_codebook(self, codebook: CodeBook, generator: torch.Generator | None = None):
+        """Trains on other codes for the same identities from now on (e.g. codes re-made from the features
+        learnt so far). Their tokens mean other things, so the classifier starts afresh; an optimizer's
+        state for `weight` is stale after this."""
+        if not isinstance(codebook, CodeBook):
+            raise TypeError(f"codebook: expected a CodeBook, got {type(codebook)}")
+        shape, old = (codebook.num_ids, codebook.length, codebook.vocab), self.codebook
+        if shape != (old.num_ids, old.length, old.vocab):
+            raise ValueError(f"codebook: expected (N, L, V) = {(old.num_ids, old.length, old.vocab)} as the "
+                             f"codes it replaces, got {shape}")
+        self.codebook = codebook
+        self.reset_classifier(generator)
 
     def extra_repr(self):
         return (f"feature_dim={self.feature_dim}, codebook={self.codebook}, scale={self.scale}, "

@@ -3,7 +3,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from gif_kernels import code_beam_search
 from gif_kernels.codebook import FILE_FORMAT, FORMAT_VERSION, CodeBook, _checksum
+from gif_kernels.tokenize import METHODS
 
 
 def random_unique_codes(num_ids, length, vocab, seed):
@@ -161,9 +163,13 @@ def test_other_files_are_rejected(tmp_path):
         CodeBook.load(tmp_path / "junk.safetensors")
 
 
-@pytest.mark.parametrize("method", ["kmeans", "sequential", "random"])
+@pytest.mark.parametrize("method", METHODS)
 def test_build_from_vectors(method):
     vectors = torch.randn(131, 12, generator=torch.Generator().manual_seed(6))
     book = CodeBook.build(vectors, vocab=4, method=method, seed=1)
     assert (book.num_ids, book.length, book.vocab) == (131, 4, 4)  # 4**4 = 256 >= 131 > 4**3
     assert torch.equal(book.ids_for(book.codes), torch.arange(131))
+    # Its trie decodes: scores peaked on each identity's code find that identity, proven exact.
+    scores = torch.full((131, 4, 4), -10.0).scatter_(2, book.codes.unsqueeze(2), 0.0)
+    ids, _, exact = code_beam_search(scores, book.trie(), beam=4, topk=1)
+    assert torch.equal(ids[:, 0], torch.arange(131)) and bool(exact.all())

@@ -45,7 +45,7 @@ SIZES = [(1, 16, None), (1, 3, 4), (64, 4, 3), (63, 4, 3), (65, 4, None), (256, 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("num_ids,vocab,length", SIZES)
 def test_codes_unique_and_in_range(method, num_ids, vocab, length):
-    vectors = torch.randn(num_ids, 7, generator=torch.Generator().manual_seed(num_ids))
+    vectors = torch.randn(num_ids, 11, generator=torch.Generator().manual_seed(num_ids))
     codes = tokenize(vectors, vocab, length, method)
     check_codes(codes, num_ids, vocab, length or default_length(num_ids, vocab))
 
@@ -129,7 +129,45 @@ def test_deeper_prefixes_are_tighter():
     assert spreads[2] < 0.3 * prefix_spread(vectors, random_codes, 2)
 
 
-@pytest.mark.parametrize("method", ["kmeans", "random"])
+def same_partition(tokens, truth):
+    """Whether two labelings of the same items split them alike (equal up to renaming the labels)."""
+    pairs = torch.unique(torch.stack([tokens, truth], 1), dim=0)
+    return len(pairs) == len(torch.unique(tokens)) == len(torch.unique(truth))
+
+
+def test_pq_recovers_each_blocks_clusters():
+    # 64 identities with every code of 4**3: block j of the vectors (2 columns) sits near centre
+    # truth[:, j] of its own 4 centres. PQ's position j is block j's partition, whatever the prefix.
+    generator = torch.Generator().manual_seed(2)
+    truth = torch.cartesian_prod(*[torch.arange(4)] * 3)[torch.randperm(64, generator=generator)]
+    centres = 10 * torch.randn(3, 4, 2, generator=generator)
+    vectors = torch.cat([centres[j, truth[:, j]] for j in range(3)], 1) + 0.1 * torch.randn(64, 6, generator=generator)
+    codes = tokenize(vectors, 4, 3, "pq")
+    check_codes(codes, 64, 4, 3)
+    assert all(same_partition(codes[:, j], truth[:, j]) for j in range(3))
+
+
+def test_rq_recovers_residual_levels():
+    # vectors = a coarse centre + a finer one + a finer still: RQ's position j is level j.
+    generator = torch.Generator().manual_seed(3)
+    truth = torch.cartesian_prod(*[torch.arange(4)] * 3)[torch.randperm(64, generator=generator)]
+    centres = torch.randn(3, 4, 5, generator=generator) * torch.tensor([100.0, 10.0, 1.0])[:, None, None]
+    vectors = sum(centres[j, truth[:, j]] for j in range(3)) + 0.01 * torch.randn(64, 5, generator=generator)
+    codes = tokenize(vectors, 4, 3, "rq")
+    check_codes(codes, 64, 4, 3)
+    assert all(same_partition(codes[:, j], truth[:, j]) for j in range(3))
+
+
+@pytest.mark.parametrize("method", ["pq", "rq"])
+def test_quantizer_codes_stay_unique_when_capacity_binds(method):
+    # Every identity on one of two points: the nearest centres would give two codes for 250 identities.
+    vectors = torch.tensor([[0.0, 1.0, 2.0, 4.0], [3.0, -1.0, 0.5, 0.0]]).repeat(125, 1)
+    codes = tokenize(vectors, 4, 4, method)
+    check_codes(codes, 250, 4, 4)
+    assert int(torch.bincount(codes[:, 0]).max()) <= 64
+
+
+@pytest.mark.parametrize("method", ["kmeans", "pq", "rq", "random"])
 def test_seeded_codes_are_deterministic(method):
     vectors, _ = blobs(7, 43, 9, 3.0)
     first = tokenize(vectors, 6, method=method, seed=5)
@@ -165,6 +203,8 @@ def test_spread_lowers_uniformity_loss_on_the_sphere():
     (lambda x: tokenize(x[:0], 4), "vectors"),
     (lambda x: tokenize(x.long(), 4), "vectors"),
     (lambda x: tokenize(None, 4, num_ids=10), "vectors"),
+    (lambda x: tokenize(None, 4, method="pq", num_ids=10), "vectors"),
+    (lambda x: tokenize(x, 2, 4, method="pq"), "length"),
     (lambda x: tokenize(None, 4, method="random"), "num_ids"),
     (lambda x: tokenize(x, 4, num_ids=101), "num_ids"),
     (lambda x: tokenize(x, 4, seed=-1), "seed"),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from gif_kernels import CodeBook
 from gif_kernels.train import checkpoint
 from gif_kernels.train.evaluate import verification, verification_pairs
 from gif_kernels.train.trainer import learning_rate, parse_run, train
@@ -57,6 +58,69 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
         assert torch.equal(expected[name], got[name]), name
     with pytest.raises(ValueError, match="--head"):
         train(parse_run([*args, "--head", "full", "--out", str(killed), "--resume"]))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after_saving(monkeypatch, step, codes_file):
+    """Makes checkpoint.save raise once it has saved `step` with stats naming `codes_file`."""
+    save = checkpoint.save
+
+    def save_then_stop(directory, saved_step, model, optimizer, run, stats):
+        path = save(directory, saved_step, model, optimizer, run, stats)
+        if saved_step == step and checkpoint.codes_file(stats) == codes_file:
+            monkeypatch.setattr(checkpoint, "save", save)
+            raise Interrupted
+        return path
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+
+
+def test_retokenize_switch_resumes_from_either_side(tmp_path, monkeypatch):
+    # 3 steps an epoch: the switch is step 3 of 6. Stopped after the checkpoint before it (step 2), after
+    # step 3's first save (its codes still the first ones), or after the switch (step 3 again, then 4),
+    # every resumed run ends with the parameters and codes of the run that went through.
+    args = [*TINY, "--code-method", "pq", "--retokenize-after", "1", "--checkpoint-every", "1"]
+    whole = tmp_path / "whole"
+    train(parse_run([*args, "--out", str(whole)]))
+    first, second = (CodeBook.load(whole / name) for name in (checkpoint.CODES_FILE, checkpoint.RETOKENIZED_CODES_FILE))
+    assert (second.num_ids, second.length, second.vocab) == (first.num_ids, first.length, first.vocab)
+    final = checkpoint.load(whole / "checkpoint-6.safetensors")
+    assert checkpoint.codes_file(final["stats"]) == checkpoint.RETOKENIZED_CODES_FILE
+    expected = parameters(whole / "checkpoint-6.safetensors")
+    stops = [(2, checkpoint.CODES_FILE), (3, checkpoint.CODES_FILE), (3, checkpoint.RETOKENIZED_CODES_FILE),
+             (4, checkpoint.RETOKENIZED_CODES_FILE)]
+    for step, codes_file in stops:
+        out = tmp_path / f"stopped-{step}-{codes_file}"
+        interrupt_after_saving(monkeypatch, step, codes_file)
+        with pytest.raises(Interrupted):
+            train(parse_run([*args, "--out", str(out)]))
+        metrics = train(parse_run([*args, "--out", str(out), "--resume"]))
+        got = parameters(out / "checkpoint-6.safetensors")
+        assert all(torch.equal(expected[name], got[name]) for name in expected), (step, codes_file)
+        assert torch.equal(CodeBook.load(out / checkpoint.RETOKENIZED_CODES_FILE).codes, second.codes)
+        assert metrics["code_length"] == second.length
+    # The evaluation CLI restores a checkpoint with the codes it was trained on.
+    model, _, _, codebook = checkpoint.restore_for_evaluation(final, whole, "cpu")
+    assert torch.equal(codebook.codes, second.codes) and model.head.codebook is codebook
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--retokenize-after", "0"], "> 0"),
+    (["--retokenize-after", "1", "--code-method", "random"], "reads identity vectors"),
+    (["--retokenize-after", "1", "--head", "full"], "--head gif"),
+])
+def test_retokenize_arguments(extra, words, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_run([*TINY, *extra, "--out", str(tmp_path)])
+    assert words in capsys.readouterr().err
+
+
+def test_retokenize_after_the_last_step_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--retokenize-after: 2.0 epochs is step 6"):
+        train(parse_run([*TINY, "--retokenize-after", "2", "--out", str(tmp_path / "run")]))
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_process_ddp_run_and_resume(tmp_path):

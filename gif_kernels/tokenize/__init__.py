@@ -1,8 +1,11 @@
 """Identity tokenizer: one unique code of L tokens over a vocabulary of V per identity (V**L >= N).
 
 "kmeans" (the GIF paper's) puts similar identities under shared prefixes by recursive k-means over
-one vector per identity, split into capacity-limited clusters so that every code is unique;
-"sequential" and "random" are the baselines. `spread` is the paper's optional refinement of the
+one vector per identity, split into capacity-limited clusters so that every code is unique; its
+tokens below the first mean different things under different prefixes. "pq" and "rq" (product and
+residual quantization) give every position one partition of all identities instead, the same under
+every prefix, which is what L independent classifiers on one embedding can learn. "sequential" and
+"random" are the baselines. `spread` is the paper's optional refinement of the
 vectors before tokenizing. Everything is batched torch, so it runs on CPU or CUDA tensors.
 The command line (`python -m gif_kernels.tokenize`) is __main__.py beside this file.
 """
@@ -13,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-METHODS = ("kmeans", "sequential", "random")
+METHODS = ("kmeans", "pq", "rq", "sequential", "random")
+VECTOR_METHODS = ("kmeans", "pq", "rq")  # the methods that read the identity vectors
 
 # Each chunk of k-means nodes holds about this many floats in its padded (G, n_max, D) tensors;
 # a single node larger than that is a chunk of its own.
@@ -149,9 +153,8 @@ def _assign_with_capacity(dist, mask, capacity):
     return labels
 
 
-def _split_nodes(x, mask, k, capacity, generator):
-    """Cluster labels (G, n) in [0, k) for a padded batch of nodes, at most `capacity` per cluster."""
-    x_sq = (x * x).sum(-1)
+def _lloyd(x, x_sq, mask, k, generator):
+    """k centers (G, k, D) per node of a padded batch: k-means++ seeding, then Lloyd's iterations."""
     centers = _kmeans_plus_plus(x, x_sq, mask, k, generator)
     labels = None
     for _ in range(LLOYD_ITERATIONS):
@@ -160,6 +163,13 @@ def _split_nodes(x, mask, k, capacity, generator):
             break
         labels = new_labels
         centers = _centroids(x, labels, mask, centers)
+    return centers
+
+
+def _split_nodes(x, mask, k, capacity, generator):
+    """Cluster labels (G, n) in [0, k) for a padded batch of nodes, at most `capacity` per cluster."""
+    x_sq = (x * x).sum(-1)
+    centers = _lloyd(x, x_sq, mask, k, generator)
     labels = _assign_with_capacity(_sq_dist(x, x_sq, centers), mask, capacity)
     for _ in range(REFINE_ROUNDS):
         centers = _centroids(x, labels, mask, centers)
@@ -177,44 +187,90 @@ def _chunks(sizes, width):
         start = stop
 
 
-def _kmeans_codes(x, vocab, length, generator, progress):
-    """Recursive capacity-limited k-means, level by level. The identities sit in `perm` grouped by
-    node (their code prefix so far); a node of n > vocab members at depth d splits into vocab
-    clusters of at most vocab**(length - d - 1) each, a node of n <= vocab gives its members the
-    tokens 0..n-1 (in identity order), which is also all the last level ever needs."""
-    N, D = x.shape
-    device = x.device
-    codes = torch.zeros(N, length, dtype=torch.long, device=device)
-    perm = torch.arange(N, device=device)            # identities, grouped by node
-    sizes = torch.tensor([N], device=device)          # node sizes, in perm order
+def _padded_nodes(nodes, sizes, starts, width):
+    """(positions, mask) per chunk of `nodes`: positions (G, n_max) index the nodes' members in the
+    grouped order, padding slots repeating a node's first member; mask (G, n_max) marks real members."""
+    nodes = nodes[sizes[nodes].argsort(descending=True, stable=True)]
+    node_sizes = sizes[nodes].tolist()
+    for start, stop in _chunks(node_sizes, width):
+        chunk, n_max = nodes[start:stop], node_sizes[start]
+        offsets = torch.arange(n_max, device=sizes.device)
+        mask = offsets < sizes[chunk, None]
+        yield torch.where(mask, starts[chunk, None] + offsets, starts[chunk, None]), mask
+
+
+def _codes_by_level(num_ids, vocab, length, device, progress, fill):
+    """Codes (N, L), level by level. At depth d the identities sit in `perm` grouped by node (their code
+    prefix so far; `sizes` and `starts` in that order); `token` (N,), in the same order, starts as each
+    member's rank in its node, and fill(depth, perm, sizes, starts, token) overwrites what it chooses.
+    fill must give no token of a node more than vocab**(length - d - 1) members, which keeps every code
+    unique (a node's members then fit its children). Children are each node's members sorted by token
+    (stable, so identity order is kept)."""
+    codes = torch.zeros(num_ids, length, dtype=torch.long, device=device)
+    perm = torch.arange(num_ids, device=device)       # identities, grouped by node
+    sizes = torch.tensor([num_ids], device=device)     # node sizes, in perm order
     levels = tqdm(range(length), desc="tokenize", unit="level", disable=not progress)
     for depth in levels:
-        if int(sizes.max()) == 1:
-            break                                     # every identity is alone: the rest stay 0
-        capacity = vocab ** (length - depth - 1)
         starts = sizes.cumsum(0) - sizes
         node_of_position = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
-        token = torch.arange(N, device=device) - starts[node_of_position]
-        big = (sizes > vocab).nonzero().squeeze(1)
-        big = big[sizes[big].argsort(descending=True, stable=True)]
-        big_sizes = sizes[big].tolist()
-        chunks = list(_chunks(big_sizes, max(D, vocab)))
-        for start, stop in tqdm(chunks, desc=f"level {depth}", leave=False, disable=not progress):
-            nodes, n_max = big[start:stop], big_sizes[start]
-            offsets = torch.arange(n_max, device=device)
-            mask = offsets < sizes[nodes, None]
-            # Padding slots repeat the node's first member; the mask keeps them out of everything.
-            positions = torch.where(mask, starts[nodes, None] + offsets, starts[nodes, None])
-            labels = _split_nodes(x[perm[positions]], mask, vocab, min(capacity, n_max), generator)
-            token[positions[mask]] = labels[mask]
+        token = torch.arange(num_ids, device=device) - starts[node_of_position]
+        fill(depth, perm, sizes, starts, token)
         codes[perm, depth] = token
-        levels.set_postfix(nodes=len(sizes), kmeans_nodes=len(big))
-        # Children: sort each node's members by token (stable, so identity order is kept).
+        levels.set_postfix(nodes=len(sizes))
         key = node_of_position * vocab + token
         order = key.argsort(stable=True)
         perm = perm[order]
         sizes = torch.unique_consecutive(key[order], return_counts=True)[1]
     return codes
+
+
+def _kmeans_codes(x, vocab, length, generator, progress):
+    """Recursive capacity-limited k-means: a node of n > vocab members at depth d splits into vocab
+    clusters of at most vocab**(length - d - 1) each; a node of n <= vocab gives its members the tokens
+    0..n-1 (in identity order), which is also all the last level ever needs."""
+    def fill(depth, perm, sizes, starts, token):
+        capacity = vocab ** (length - depth - 1)
+        big = (sizes > vocab).nonzero().squeeze(1)
+        for positions, mask in _padded_nodes(big, sizes, starts, max(x.shape[1], vocab)):
+            labels = _split_nodes(x[perm[positions]], mask, vocab, min(capacity, positions.shape[1]), generator)
+            token[positions[mask]] = labels[mask]
+
+    return _codes_by_level(x.shape[0], vocab, length, x.device, progress, fill)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantizer codes: every position one partition of all identities, the same under every prefix
+
+
+def _shared_centers(z, vocab, generator):
+    """vocab k-means centers (vocab, d) of all rows of z (N, d)."""
+    return _lloyd(z[None], (z * z).sum(-1)[None], torch.ones(1, len(z), dtype=torch.bool, device=z.device),
+                  vocab, generator)[0]
+
+
+def _quantizer_codes(x, vocab, length, generator, progress, residual):
+    """Product quantization (residual=False: position j is the nearest of vocab centers in the j-th of L
+    column blocks of x) or residual quantization (residual=True: position j is the nearest of vocab
+    centers to what positions < j leave of x). Each position's centers are shared by all identities,
+    so a token means one thing whatever the prefix; the assignment is capacity-limited within each
+    prefix (vocab**(length - d - 1) per token at depth d), which keeps the codes unique."""
+    blocks = torch.tensor_split(torch.arange(x.shape[1], device=x.device), length)
+    left = x.clone()
+
+    def fill(depth, perm, sizes, starts, token):
+        z = left if residual else x[:, blocks[depth]]
+        centers = _shared_centers(z, vocab, generator)
+        z_sq, capacity = (z * z).sum(-1), vocab ** (length - depth - 1)
+        everything = torch.arange(len(sizes), device=x.device)
+        for positions, mask in _padded_nodes(everything, sizes, starts, max(z.shape[1], vocab)):
+            members = perm[positions]
+            dist = _sq_dist(z[members], z_sq[members], centers.expand(len(members), -1, -1))
+            labels = _assign_with_capacity(dist, mask, min(capacity, positions.shape[1]))
+            token[positions[mask]] = labels[mask]
+        if residual:
+            left[perm] -= centers[token]
+
+    return _codes_by_level(x.shape[0], vocab, length, x.device, progress, fill)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +313,7 @@ def tokenize(vectors: torch.Tensor | None, vocab: int, length: int | None = None
              seed: int = 0, device=None, num_ids: int | None = None, progress: bool = False) -> torch.Tensor:
     """Unique codes (N, L) int64 on CPU, one row per identity (row i = identity i).
 
-    vectors: (N, D) float identity vectors (required for "kmeans"; for "sequential"/"random" only N
+    vectors: (N, D) float identity vectors (required for "kmeans", "pq", "rq"; for "sequential"/"random" only N
     is used, or num_ids when vectors is None). length: default_length(N, vocab) when None.
     device: where to compute (default: vectors' device, else CPU). Deterministic for a seed on a
     given device."""
@@ -265,8 +321,8 @@ def tokenize(vectors: torch.Tensor | None, vocab: int, length: int | None = None
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if vectors is None:
-        if method == "kmeans":
-            raise ValueError("vectors: method 'kmeans' needs the identity vectors, got None")
+        if method in VECTOR_METHODS:
+            raise ValueError(f"vectors: method {method!r} needs the identity vectors, got None")
         num_ids = _check_int("num_ids", num_ids, 1)
     else:
         _check_vectors(vectors)
@@ -279,14 +335,18 @@ def tokenize(vectors: torch.Tensor | None, vocab: int, length: int | None = None
     if vocab ** length < num_ids:
         raise ValueError(f"length: {length} tokens over vocab {vocab} give {vocab ** length} codes, "
                          f"fewer than N = {num_ids} identities")
+    if method == "pq" and vectors.shape[1] < length:
+        raise ValueError(f"length: method 'pq' splits the D = {vectors.shape[1]} columns of vectors into L "
+                         f"blocks, so L must be <= D, got {length}")
     seed = _check_int("seed", seed, 0)
     device = torch.device(device) if device is not None else (
         vectors.device if vectors is not None else torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(seed)
 
-    if method == "kmeans":
+    if method in VECTOR_METHODS:
         x = vectors.to(device=device, dtype=_work_dtype(vectors.dtype))
-        codes = _kmeans_codes(x, vocab, length, generator, progress)
+        codes = (_kmeans_codes(x, vocab, length, generator, progress) if method == "kmeans" else
+                 _quantizer_codes(x, vocab, length, generator, progress, residual=method == "rq"))
     elif method == "sequential":
         codes = _digits(torch.arange(num_ids, device=device), vocab, length)
     else:

@@ -20,8 +20,10 @@ from .model import build_backbone_for, build_model
 
 FILE_PATTERN = re.compile(r"checkpoint-(\d+)\.safetensors")
 # Beside the checkpoints in a run's output folder: the codes it trains on and the identity vectors
-# they were built from (the L_AR anchors).
+# they were built from (the L_AR anchors); with --retokenize-after, the codes of the second stage,
+# made from the features learnt in the first. Each checkpoint's stats name its codes ("codes_file").
 CODES_FILE = "codes.safetensors"
+RETOKENIZED_CODES_FILE = "codes-retokenized.safetensors"
 VECTORS_FILE = "identity_vectors.npy"
 KEEP = 2  # checkpoints kept on disk: the newest, and one before it in case the newest is damaged
 
@@ -105,12 +107,17 @@ def load_latest(directory) -> dict | None:
     return None
 
 
+def codes_file(stats: dict) -> str:
+    """The codes file that a checkpoint with these stats was trained on."""
+    return stats.get("codes_file", CODES_FILE)
+
+
 def restore_for_evaluation(saved: dict, out: Path, device):
     """(model with the checkpoint's weights, data splits, run arguments, CodeBook or None) of a saved checkpoint."""
     run = saved["run"]
     splits = load_splits(run)
     backbone, feature_dim = build_backbone_for(run, splits.input_shape)
-    codebook = CodeBook.load(out / CODES_FILE) if run["head"] == "gif" else None
+    codebook = CodeBook.load(out / codes_file(saved["stats"])) if run["head"] == "gif" else None
     model = build_model(run, backbone, feature_dim, splits.num_ids, codebook)
     model.load_state_dict(saved["model"], strict=False)  # without anchors: L_AR is training-only
     return model.to(device), splits, run, codebook

@@ -28,20 +28,20 @@ from ..cli import ArgumentParser, one_line_errors
 from ..codebook import CodeBook
 from ..head import DEFAULT_MARGINS
 from ..ops import BACKENDS, check_scale
-from ..tokenize import METHODS
+from ..tokenize import METHODS, VECTOR_METHODS
 from . import checkpoint
 from .backbones import BACKBONES
 from .data import SYNTHETIC_IMAGES_PER_ID, load_splits
 from .evaluate import evaluate, run_description, write_metrics
 from .heads import HEADS
-from .model import build_backbone_for, build_codebook, build_model, identity_vectors
+from .model import build_backbone_for, build_codebook, build_model, identity_vectors, mean_features
 
 # Arguments a resumed run must share with the run it continues. Others given on its command line
 # (e.g. --steps to train longer, --workers) replace the saved ones.
 RESUME_KEYS = ("data", "ids", "images_per_id", "holdout_per_id", "verify_ids", "image_size", "backbone",
                "embedding_dim", "head", "sample_rate", "margin", "m", "scale", "vocab", "length", "proj_dim",
-               "gamma", "codes", "code_method", "identity_vectors", "spread_steps", "optimizer", "lr",
-               "momentum", "weight_decay", "warmup", "batch_size", "grad_clip", "seed")
+               "gamma", "codes", "code_method", "identity_vectors", "spread_steps", "retokenize_after",
+               "optimizer", "lr", "momentum", "weight_decay", "warmup", "batch_size", "grad_clip", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     codes.add_argument("--identity-vectors", help=".npy (N, D) identity vectors to build codes from "
                                                   "(default: mean features of the initial backbone)")
     codes.add_argument("--spread-steps", type=int, default=0, help="uniformity steps on the vectors first")
+    codes.add_argument("--retokenize-after", type=float,
+                       help="epochs on the first codes; then codes are made again (--code-method) from the mean "
+                            "features of the backbone trained so far, and training goes on with them")
     codes.add_argument("--proj-dim", type=int, help="per-position projection heads of this width")
     codes.add_argument("--gamma", type=float, default=0.0,
                        help="weight of L_AR toward the identity vectors (needs them at the features' width)")
@@ -113,6 +116,12 @@ def parse_run(argv=None) -> dict:
     for key, minimum in minimums.items():
         if run[key] is not None and run[key] < minimum:
             parser.error(f"--{key.replace('_', '-')}: expected an integer >= {minimum}, got {run[key]}")
+    if run["retokenize_after"] is not None:
+        if not run["retokenize_after"] > 0:
+            parser.error(f"--retokenize-after: expected a number of epochs > 0, got {run['retokenize_after']}")
+        if run["head"] != "gif" or run["codes"] or run["code_method"] not in VECTOR_METHODS:
+            parser.error(f"--retokenize-after: needs --head gif, codes built at start (no --codes) and a "
+                         f"--code-method that reads identity vectors ({', '.join(VECTOR_METHODS)})")
     try:
         check_scale(run["scale"])
     except ValueError as error:
@@ -163,6 +172,32 @@ def prepare_codes(run: dict, out: Path, backbone, splits, device, rank: int, wor
     if run["gamma"] > 0:
         anchors = torch.from_numpy(np.load(out / checkpoint.VECTORS_FILE, allow_pickle=False))
     return codebook, anchors
+
+
+def retokenize_step(run: dict, per_epoch: int, total: int) -> int | None:
+    """The step of --retokenize-after's switch (None without it); it must fall inside the run."""
+    if run["retokenize_after"] is None:
+        return None
+    switch = round(run["retokenize_after"] * per_epoch)
+    if not 0 < switch < total:
+        raise ValueError(f"--retokenize-after: {run['retokenize_after']} epochs is step {switch}, expected one "
+                         f"in (0, {total}): inside the run's {total} steps")
+    return switch
+
+
+def retokenize(run: dict, out: Path, model, optimizer, splits, device, rank: int, world: int) -> CodeBook:
+    """The switch of --retokenize-after: codes made again by rank 0 from the mean features of the backbone
+    trained so far, read by every rank; the classifier starts afresh on them (the same draw everywhere),
+    its optimizer state dropped. Returns the new CodeBook."""
+    if rank == 0:
+        vectors = mean_features(model.backbone, splits.train, splits.train_labels, splits.num_ids, device,
+                                run["workers"])
+        build_codebook({**run, "codes": None}, vectors, splits.num_ids).save(out / checkpoint.RETOKENIZED_CODES_FILE)
+    barrier(world)
+    codebook = CodeBook.load(out / checkpoint.RETOKENIZED_CODES_FILE)
+    model.head.set_codebook(codebook, torch.Generator(device=model.head.weight.device).manual_seed(run["seed"] + 1))
+    optimizer.state.pop(model.head.weight, None)
+    return codebook
 
 
 def resumed_run(run: dict, saved: dict) -> dict:
@@ -240,8 +275,9 @@ def build_training(run: dict, out: Path, splits, device, rank: int, world: int):
 
 
 def train_steps(run: dict, out: Path, model, optimizer, splits, device, rank: int, world: int,
-                step: int, total: int, per_epoch: int, stats: dict) -> int:
-    """Train from `step` to `total` (per_epoch steps an epoch), logging and checkpointing; returns the last step."""
+                step: int, stop: int, total: int, per_epoch: int, stats: dict) -> int:
+    """Train from `step` to `stop` of `total` steps (per_epoch steps an epoch; the learning rate follows
+    `total`), logging and checkpointing; returns the last step."""
     batch = run["batch_size"] // world
     step_model = DistributedDataParallel(model) if world > 1 else model
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=run["seed"],
@@ -253,7 +289,7 @@ def train_steps(run: dict, out: Path, model, optimizer, splits, device, rank: in
         from tqdm import tqdm
         progress = tqdm(total=total, initial=step, desc=f"train {run['head']}", unit="step", dynamic_ncols=True)
     timed_images, timed_seconds, last = 0, 0.0, None
-    while step < total:
+    while step < stop:
         epoch, offset = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
         order = list(sampler)
@@ -284,13 +320,13 @@ def train_steps(run: dict, out: Path, model, optimizer, splits, device, rank: in
                         values["images_per_s"] = timed_images / timed_seconds
                     progress.set_postfix(loss=f"{values['loss']:.3f}")
                     log.write(step, values)
-            if step % run["checkpoint_every"] == 0 or step == total:
+            if step % run["checkpoint_every"] == 0 or step in (stop, total):
                 if timed_seconds:
                     stats["images_per_s"] = timed_images / timed_seconds
                 if rank == 0:
                     checkpoint.save(out, step, model, optimizer, run, stats)
                 barrier(world)
-            if step >= total:
+            if step >= stop:
                 break
         last = None
     if rank == 0:
@@ -311,6 +347,8 @@ def train(run: dict) -> dict | None:
     per_epoch = len(splits.train) // world // (run["batch_size"] // world)  # DistributedSampler drops the rest
     if per_epoch == 0:
         raise ValueError(f"--batch-size: {run['batch_size']} is more than the {len(splits.train)} training images")
+    total = run["steps"] or max(1, round(run["epochs"] * per_epoch))
+    switch = retokenize_step(run, per_epoch, total)
     created = rank == 0 and not out.exists()
     try:
         if rank == 0:
@@ -328,8 +366,18 @@ def train(run: dict) -> dict | None:
         step, stats = saved["step"], {**saved["stats"], "processes": world}
         if rank == 0:
             print(f"resumed from step {step} ({saved['path']})", flush=True)
-    total = run["steps"] or max(1, round(run["epochs"] * per_epoch))
-    step = train_steps(run, out, model, optimizer, splits, device, rank, world, step, total, per_epoch, stats)
+    if checkpoint.codes_file(stats) == checkpoint.RETOKENIZED_CODES_FILE:  # resumed past the switch
+        codebook = CodeBook.load(out / checkpoint.RETOKENIZED_CODES_FILE)
+        model.head.codebook = codebook
+    elif switch is not None:  # the first stage (nothing left of it when resumed at the switch), then the switch
+        step = train_steps(run, out, model, optimizer, splits, device, rank, world, step, switch, total, per_epoch,
+                           stats)
+        codebook = retokenize(run, out, model, optimizer, splits, device, rank, world)
+        stats["codes_file"] = checkpoint.RETOKENIZED_CODES_FILE
+        if rank == 0:
+            checkpoint.save(out, step, model, optimizer, run, stats)
+        barrier(world)
+    step = train_steps(run, out, model, optimizer, splits, device, rank, world, step, total, total, per_epoch, stats)
 
     metrics = None
     if rank == 0:
