@@ -33,10 +33,12 @@ from harness import comma_list, head_flops, partial_fc_class_count, positive_int
 RUNS = {
     "full": ["--head", "full"],
     "partial_fc": ["--head", "partial_fc"],
-    "gif": ["--head", "gif"],
+    "gif": ["--head", "gif"],  # the trainer's defaults
     "gif-random6": ["--head", "gif", "--code-method", "random", "--length", "6"],
+    "gif-pq6-retokenized": ["--head", "gif", "--code-method", "pq", "--length", "6", "--retokenize-after", "2"],
+    "gif-identity-ce": ["--head", "gif", "--identity-weight", "1"],
 }
-DEFAULT_RUNS = ("full", "partial_fc", "gif", "gif-random6")
+DEFAULT_RUNS = tuple(RUNS)
 # Synthetic data's budget per identity count (training images per identity, epochs): the same for every
 # run, about 2 minutes a run on 2 CPU cores with the small CNN.
 SYNTHETIC_BUDGETS = {100: (64, 8), 1000: (16, 4)}

@@ -14,7 +14,7 @@ import time
 import torch
 
 from gif_kernels.cli import ArgumentParser
-from gif_kernels.tokenize import METHODS, format_summary, summary, tokenize
+from gif_kernels.tokenize import DEFAULT_METHOD, METHODS, format_summary, summary, tokenize
 
 
 def clustered_vectors(ids, dim, clusters, seed):
@@ -75,7 +75,7 @@ def main():
     parser.add_argument("--ids", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=16)
-    parser.add_argument("--method", choices=METHODS, default="kmeans")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
     parser.add_argument("--clusters", type=int, default=1000, help="Gaussian blobs in the synthetic vectors")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .files import atomic_write
+from .tokenize import DEFAULT_METHOD, tokenize
 
 FILE_FORMAT = "gif-kernels CodeBook"
 FORMAT_VERSION = 1
@@ -163,10 +164,9 @@ class CodeBook:
         self._on_device = {}  # device -> (codes, trie): copies made once, reused without syncs
 
     @classmethod
-    def build(cls, vectors, vocab: int, length=None, method="kmeans", seed=0, device=None, names=None):
+    def build(cls, vectors, vocab: int, length=None, method=DEFAULT_METHOD, seed=0, device=None, names=None):
         """Tokenize identity vectors (N, D) into unique codes; length defaults to the smallest L with
         vocab**L >= N. See gif_kernels.tokenize for the methods."""
-        from .tokenize import tokenize
         return cls(tokenize(vectors, vocab, length, method=method, seed=seed, device=device), vocab, names)
 
     @property

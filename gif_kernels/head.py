@@ -45,12 +45,15 @@ class CodeHead(nn.Module):
     position_weight_j, default all 1. proj_dim: adds one linear projection per position, (B, D) ->
     (B, L, proj_dim), before the classifiers. anchor_vectors: (N, D) one vector per identity; adds
     gamma * L_AR (see anchor_loss). The table stays where it is given (pinned when on the CPU) and
-    only the batch's rows are gathered and moved. backend: fused_code_ce's and code_beam_search's.
+    only the batch's rows are gathered and moved. identity_weight: adds that times identity_ce, a
+    softmax over whole identities scored through the same classifiers (see identity_ce), over the
+    batch's identities and identity_samples others. backend: fused_code_ce's and code_beam_search's.
     """
 
     def __init__(self, feature_dim: int, codebook: CodeBook, scale: float = 64.0, margin: str = "cosface",
                  m: float | None = None, position_weight=None, proj_dim: int | None = None,
-                 anchor_vectors: torch.Tensor | None = None, gamma: float = 1.0, backend: str = "auto"):
+                 anchor_vectors: torch.Tensor | None = None, gamma: float = 1.0, identity_weight: float = 0.0,
+                 identity_samples: int = 0, backend: str = "auto"):
         super().__init__()
         if not isinstance(codebook, CodeBook):
             raise TypeError(f"codebook: expected a CodeBook, got {type(codebook)}")
@@ -58,8 +61,12 @@ class CodeHead(nn.Module):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         check_scale(scale)
-        if not math.isfinite(gamma) or gamma < 0:
-            raise ValueError(f"gamma: expected a finite number >= 0, got {gamma}")
+        for name, value in (("gamma", gamma), ("identity_weight", identity_weight)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
+        if isinstance(identity_samples, bool) or not isinstance(identity_samples, int) or identity_samples < 0:
+            raise ValueError(f"identity_samples: expected an integer >= 0, got {identity_samples!r}")
+        self.identity_weight, self.identity_samples = float(identity_weight), identity_samples
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.m2, self.m3 = margin_args(margin, m)
@@ -150,15 +157,41 @@ class CodeHead(nn.Module):
             anchor = anchor_loss(features, self._batch_anchors(labels, features.device))
             parts["anchor"] = anchor.detach()
             loss = loss + self.gamma * anchor
+        if self.identity_weight > 0:
+            identity = self.identity_ce(features, labels)
+            parts["identity_ce"] = identity.detach()
+            loss = loss + self.identity_weight * identity
         return loss, parts
+
+    def cosines(self, features: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Cosines (B, L, V) in `dtype` of the classifiers' inputs with their weight rows."""
+        x = F.normalize(self.position_features(features).to(dtype), dim=-1, eps=NORM_EPS)
+        weight = F.normalize(self.weight.to(dtype), dim=-1, eps=NORM_EPS)
+        return torch.einsum("bd,lvd->blv" if x.dim() == 2 else "bld,lvd->blv", x, weight)
+
+    def identity_ce(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over identities, each scored by scale * the mean over positions of the cosine
+        with its code's token there (the label's less CosFace's m3): the batch's identities compete with
+        one another and with identity_samples others drawn uniformly. The per-position loss only asks
+        each position to tell its token from the V - 1 others, whose rows mix several identities; this
+        term asks the positions together to tell an identity from each other one, as a softmax head
+        does, for B * K * L gathers of the cosines that the head forms anyway."""
+        cos = self.cosines(features, torch.float64 if features.dtype == torch.float64 else torch.float32)
+        candidates = labels.unique()
+        if self.identity_samples:
+            drawn = torch.randint(0, self.codebook.num_ids, (self.identity_samples,), device=labels.device)
+            candidates = torch.cat([candidates, drawn]).unique()
+        target = torch.searchsorted(candidates, labels)
+        codes = self.codebook.codes_for(candidates)                                  # (K, L)
+        positions = torch.arange(codes.shape[1], device=codes.device)
+        logits = cos[:, positions, codes].mean(-1)                                   # (B, K)
+        logits = logits - self.m3 * F.one_hot(target, len(candidates)).to(logits.dtype)
+        return F.cross_entropy(self.scale * logits, target)
 
     @torch.no_grad()
     def position_scores(self, features: torch.Tensor) -> torch.Tensor:
         """Per-position log-probabilities (B, L, V) float32: log-softmax of scale * cosine, no margin."""
-        x = F.normalize(self.position_features(features).float(), dim=-1, eps=NORM_EPS)
-        weight = F.normalize(self.weight.float(), dim=-1, eps=NORM_EPS)
-        cos = torch.einsum("bd,lvd->blv" if x.dim() == 2 else "bld,lvd->blv", x, weight)
-        return torch.log_softmax(self.scale * cos, dim=-1)
+        return torch.log_softmax(self.scale * self.cosines(features), dim=-1)
 
     @torch.no_grad()
     def identify(self, features: torch.Tensor, beam: int = 32, topk: int = 5, exact: bool = False):
@@ -173,7 +206,8 @@ class CodeHead(nn.Module):
         data kept in their own files."""
         return {"feature_dim": self.feature_dim, "scale": self.scale, "margin": self.margin,
                 "m": self.m2 if self.margin == "arcface" else self.m3, "proj_dim": self.proj_dim,
-                "gamma": self.gamma, "backend": self.backend,
+                "gamma": self.gamma, "identity_weight": self.identity_weight,
+                "identity_samples": self.identity_samples, "backend": self.backend,
                 "position_weight": None if self.position_weight is None else self.position_weight.tolist(),
                 "codebook_shape": [self.codebook.num_ids, self.codebook.length, self.codebook.vocab]}
 

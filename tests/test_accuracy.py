@@ -11,7 +11,8 @@ accuracy = bench_script("accuracy")
 harness = bench_script("harness")
 
 # The tiny trainer run's model and data; the runner adds --data, --ids, --seed, --epochs, --out.
-SHARED = ["--images-per-id", "4", "--epochs", "1", "--trainer-args",
+# 3 epochs of 3 steps: gif-pq6-retokenized's switch (2 epochs) falls inside.
+SHARED = ["--images-per-id", "4", "--epochs", "3", "--trainer-args",
           "--image-size 16 --backbone cnn --embedding-dim 16 --vocab 3 --batch-size 8 --verify-ids 3 "
           "--holdout-per-id 2"]
 

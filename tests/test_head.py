@@ -42,6 +42,32 @@ def test_loss_is_the_reference_math(margin, m, m2, m3, backend):
     torch.testing.assert_close(loss, code_ce + 0.7 * anchor, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("samples", [0, 5, 400])
+def test_identity_ce_is_a_softmax_over_identities(samples):
+    book = codebook()
+    features, labels = batch(book.num_ids)
+    head = CodeHead(features.shape[1], book, scale=13.0, m=0.3, identity_weight=0.6, identity_samples=samples,
+                    backend="cpu").double()
+    torch.manual_seed(4)
+    loss, parts = head(features, labels)
+    torch.manual_seed(4)  # the same draw of other identities, by hand
+    candidates = labels.unique()
+    if samples:
+        candidates = torch.cat([candidates, torch.randint(0, book.num_ids, (samples,))]).unique()
+    x, w = F.normalize(features, dim=1), F.normalize(head.weight, dim=2)
+    logits = torch.stack([torch.stack([sum(x[b] @ w[j, book.codes[k, j]] for j in range(book.length)) / book.length
+                                       for k in candidates.tolist()]) for b in range(len(labels))])
+    target = torch.tensor([candidates.tolist().index(label) for label in labels.tolist()])
+    logits[torch.arange(len(labels)), target] -= 0.3
+    expected = F.cross_entropy(13.0 * logits, target)
+    torch.testing.assert_close(parts["identity_ce"], expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss, parts["code_ce"] + 0.6 * expected, rtol=1e-10, atol=1e-10)
+    if samples == 400:  # every identity drawn: the softmax over all of them
+        assert len(candidates) == book.num_ids
+    loss.backward()
+    assert head.weight.grad.abs().sum() > 0
+
+
 def test_projection_heads_feed_one_feature_per_position():
     book = codebook()
     features, labels = batch(book.num_ids)
@@ -91,7 +117,8 @@ def test_identify_ranks_by_the_cosine_logits_without_margin():
 def test_state_dict_rebuilds_the_head():
     book = codebook()
     features, labels = batch(book.num_ids, dtype=torch.float32)
-    head = CodeHead(11, book, scale=30.0, margin="cosface", m=0.25, position_weight=[1.0, 2.0, 0.5], proj_dim=4)
+    head = CodeHead(11, book, scale=30.0, margin="cosface", m=0.25, position_weight=[1.0, 2.0, 0.5], proj_dim=4,
+                    identity_weight=0.5)
     state = head.state_dict()
     rebuilt = CodeHead.from_state_dict(state, book)
     assert rebuilt.config() == head.config()
@@ -122,6 +149,11 @@ def test_bad_input_names_the_argument():
         CodeHead(11, book, anchor_vectors=torch.randn(book.num_ids, 10))
     with pytest.raises(ValueError, match="position_weight"):
         CodeHead(11, book, position_weight=[1.0])
+    with pytest.raises(ValueError, match="identity_weight: expected a finite number >= 0"):
+        CodeHead(11, book, identity_weight=-1.0)
+    for samples in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="identity_samples: expected an integer >= 0"):
+            CodeHead(11, book, identity_samples=samples)
     with pytest.raises(TypeError, match="codebook"):
         CodeHead(11, book.codes)
     with pytest.raises(ValueError, match="labels: identity"):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 METHODS = ("kmeans", "pq", "rq", "sequential", "random")
 VECTOR_METHODS = ("kmeans", "pq", "rq")  # the methods that read the identity vectors
+DEFAULT_METHOD = "kmeans"
 
 # Each chunk of k-means nodes holds about this many floats in its padded (G, n_max, D) tensors;
 # a single node larger than that is a chunk of its own.
@@ -309,7 +310,7 @@ def _random_codes(num_ids, vocab, length, generator, device):
 # public API
 
 
-def tokenize(vectors: torch.Tensor | None, vocab: int, length: int | None = None, method: str = "kmeans",
+def tokenize(vectors: torch.Tensor | None, vocab: int, length: int | None = None, method: str = DEFAULT_METHOD,
              seed: int = 0, device=None, num_ids: int | None = None, progress: bool = False) -> torch.Tensor:
     """Unique codes (N, L) int64 on CPU, one row per identity (row i = identity i).
 

@@ -11,7 +11,7 @@ import torch
 
 from ..cli import ArgumentParser, one_line_errors
 from ..codebook import CodeBook
-from . import METHODS, format_summary, spread, summary, tokenize
+from . import DEFAULT_METHOD, METHODS, format_summary, spread, summary, tokenize
 
 
 def load_vectors(path: str, device) -> torch.Tensor:
@@ -33,7 +33,7 @@ def main(argv=None):
     parser.add_argument("--vectors", required=True, help=".npy file of (N, D) float identity vectors")
     parser.add_argument("--vocab", type=int, required=True, help="tokens per position, V >= 2")
     parser.add_argument("--length", type=int, help="tokens per code (default: smallest L with V**L >= N)")
-    parser.add_argument("--method", choices=METHODS, default="kmeans", help="how codes are assigned")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="how codes are assigned")
     parser.add_argument("--spread-steps", type=int, default=0, help="steps of spread() before tokenizing")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -36,6 +36,7 @@ def build_model(run: dict, backbone: nn.Module, feature_dim: int, num_ids: int, 
     """The backbone with the head a run's arguments describe."""
     margin = {"scale": run["scale"], "margin": run["margin"], "m": run["m"]}
     code_args = {"proj_dim": run["proj_dim"], "anchor_vectors": anchor_vectors, "gamma": run["gamma"],
+                 "identity_weight": run["identity_weight"], "identity_samples": run["identity_samples"],
                  "backend": run["backend"]} if run["head"] == "gif" else {}
     head = build_head(run["head"], feature_dim, codebook=codebook, num_ids=num_ids,
                       sample_rate=run["sample_rate"], seed=run["seed"], **margin, **code_args)

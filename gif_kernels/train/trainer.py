@@ -28,7 +28,7 @@ from ..cli import ArgumentParser, one_line_errors
 from ..codebook import CodeBook
 from ..head import DEFAULT_MARGINS
 from ..ops import BACKENDS, check_scale
-from ..tokenize import METHODS, VECTOR_METHODS
+from ..tokenize import DEFAULT_METHOD, METHODS, VECTOR_METHODS
 from . import checkpoint
 from .backbones import BACKBONES
 from .data import SYNTHETIC_IMAGES_PER_ID, load_splits
@@ -40,7 +40,8 @@ from .model import build_backbone_for, build_codebook, build_model, identity_vec
 # (e.g. --steps to train longer, --workers) replace the saved ones.
 RESUME_KEYS = ("data", "ids", "images_per_id", "holdout_per_id", "verify_ids", "image_size", "backbone",
                "embedding_dim", "head", "sample_rate", "margin", "m", "scale", "vocab", "length", "proj_dim",
-               "gamma", "codes", "code_method", "identity_vectors", "spread_steps", "retokenize_after",
+               "gamma", "identity_weight", "identity_samples", "codes", "code_method", "identity_vectors",
+               "spread_steps", "retokenize_after",
                "optimizer", "lr", "momentum", "weight_decay", "warmup", "batch_size", "grad_clip", "seed")
 
 
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     codes.add_argument("--codes", help="a CodeBook file (python -m gif_kernels.tokenize); else built at start")
     codes.add_argument("--vocab", type=int, default=16, help="tokens per code position, V")
     codes.add_argument("--length", type=int, help="default: smallest L with vocab**L >= ids")
-    codes.add_argument("--code-method", default="kmeans", choices=METHODS, help="how codes are assigned")
+    codes.add_argument("--code-method", default=DEFAULT_METHOD, choices=METHODS, help="how codes are assigned")
     codes.add_argument("--identity-vectors", help=".npy (N, D) identity vectors to build codes from "
                                                   "(default: mean features of the initial backbone)")
     codes.add_argument("--spread-steps", type=int, default=0, help="uniformity steps on the vectors first")
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     codes.add_argument("--proj-dim", type=int, help="per-position projection heads of this width")
     codes.add_argument("--gamma", type=float, default=0.0,
                        help="weight of L_AR toward the identity vectors (needs them at the features' width)")
+    codes.add_argument("--identity-weight", type=float, default=0.0,
+                       help="weight of the identity-level cross-entropy through the code classifiers")
+    codes.add_argument("--identity-samples", type=int, default=0,
+                       help="identities drawn per step beside the batch's for that cross-entropy")
     codes.add_argument("--eval-beam", type=int, default=32, help="beam width of identification")
     optim = p.add_argument_group("optimization")
     optim.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="optimizer")
@@ -111,8 +116,8 @@ def parse_run(argv=None) -> dict:
         run["backbone"] = "iresnet50" if torch.cuda.is_available() else "cnn"
     if run["image_size"] is None:
         run["image_size"] = 64 if run["data"] == "synthetic" and run["backbone"] == "cnn" else 112
-    minimums = {"ids": 1, "verify_ids": 0, "length": 1, "proj_dim": 1, "steps": 1, "batch_size": 1,
-                "checkpoint_every": 1, "log_every": 1}
+    minimums = {"ids": 1, "verify_ids": 0, "length": 1, "proj_dim": 1, "identity_samples": 0, "steps": 1,
+                "batch_size": 1, "checkpoint_every": 1, "log_every": 1}
     for key, minimum in minimums.items():
         if run[key] is not None and run[key] < minimum:
             parser.error(f"--{key.replace('_', '-')}: expected an integer >= {minimum}, got {run[key]}")
