@@ -158,8 +158,10 @@ def summarize(values):
             "values": values}
 
 
-def targets(rows):
-    """The issue's targets at one identity count, for the best code-head run by TAR@FAR=1e-3."""
+def targets(rows, num_ids):
+    """The targets at one identity count for the best code-head run by TAR@FAR=1e-3: its TARs at least
+    each softmax head's, ident top-1 within 1% of full softmax's and, from 1000 identities, a head
+    cost at least 10x below full softmax's."""
     def mean(name, key):
         return rows[name][key]["mean"]
 
@@ -174,7 +176,8 @@ def targets(rows):
             checks[f"{key} >= {other}"] = mean(best, key) >= mean(other, key)
         if rows[other]["head"] == "full":
             checks[f"ident_top1 >= 0.99 x {other}"] = mean(best, "ident_top1") >= 0.99 * mean(other, "ident_top1")
-    checks["head cost >= 10x below full softmax"] = mean(best, "flops_ratio_vs_full") >= 10
+    if num_ids >= 1000:
+        checks["head cost >= 10x below full softmax"] = mean(best, "flops_ratio_vs_full") >= 10
     return {"best_code_head": best, "checks": checks}
 
 
@@ -187,7 +190,7 @@ def run_benchmark(args):
             per_seed = [train_or_read(args, name, num_ids, seed) for seed in args.seeds]
             rows[name] = {"head": per_seed[0]["head"],
                           **{key: summarize([m.get(key) for m in per_seed]) for key in METRICS}}
-        tables[str(num_ids)] = {"rows": rows, "targets": targets(rows),
+        tables[str(num_ids)] = {"rows": rows, "targets": targets(rows, num_ids),
                                 "budget": dict(zip(("images_per_id", "epochs"), budget(args, num_ids)))}
     config = {key: value for key, value in vars(args).items() if key not in ("run", "extra_runs")}
     config.update(runs={name: {**RUNS, **args.extra_runs}[name] for name in args.runs},
@@ -199,7 +202,7 @@ def format_cell(summary, spec):
     if summary is None:
         return "-"
     text = format(summary["mean"], spec)
-    return text if summary["std"] is None else f"{text} ± {format(summary['std'], spec)}"
+    return text if not summary["std"] else f"{text} ± {format(summary['std'], spec)}"  # one seed, or all alike
 
 
 def format_table(num_ids, table):
