@@ -24,8 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import gif_kernels
 from gif_kernels.cli import ArgumentParser, one_line_errors
+from gif_kernels.files import atomic_write
 from gif_kernels.train.trainer import parse_run, train
 from harness import comma_list, head_flops, partial_fc_class_count, positive_int
 
@@ -145,8 +148,15 @@ def train_or_read(args, name, num_ids, seed):
     metrics["head_flops"], metrics["flops_ratio_vs_full"] = head_cost(metrics, run)
     if metrics["head"] != "gif":
         metrics.pop("ident_exact", None)  # softmax heads score every identity: exact by construction
-    done.write_text(json.dumps({"argv": argv, "metrics": metrics}, indent=2, sort_keys=True) + "\n")
+    write_json(done, {"argv": argv, "metrics": metrics})
     return metrics
+
+
+def write_json(path, value):
+    """path holds the whole of value or its previous content, never a part: a run read back must parse.
+    Keys keep their order (the rows their run order)."""
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(value, indent=2) + "\n")
 
 
 def summarize(values):
@@ -194,7 +204,7 @@ def run_benchmark(args):
                                 "budget": dict(zip(("images_per_id", "epochs"), budget(args, num_ids)))}
     config = {key: value for key, value in vars(args).items() if key not in ("run", "extra_runs")}
     config.update(runs={name: {**RUNS, **args.extra_runs}[name] for name in args.runs},
-                  torch=__import__("torch").__version__, build_info=gif_kernels.build_info())
+                  torch=torch.__version__, build_info=gif_kernels.build_info())
     return {"config": config, "tables": tables}
 
 
@@ -230,7 +240,7 @@ def main(argv=None):
     for num_ids, table in report["tables"].items():
         print(format_table(num_ids, table) + "\n")
     path = Path(args.out) / "accuracy.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")  # rows in the order run
+    write_json(path, report)
     print(f"wrote {path}")
 
 

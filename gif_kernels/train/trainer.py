@@ -197,7 +197,7 @@ def retokenize(run: dict, out: Path, model, optimizer, splits, device, rank: int
     if rank == 0:
         vectors = mean_features(model.backbone, splits.train, splits.train_labels, splits.num_ids, device,
                                 run["workers"])
-        build_codebook({**run, "codes": None}, vectors, splits.num_ids).save(out / checkpoint.RETOKENIZED_CODES_FILE)
+        build_codebook(run, vectors, splits.num_ids).save(out / checkpoint.RETOKENIZED_CODES_FILE)
     barrier(world)
     codebook = CodeBook.load(out / checkpoint.RETOKENIZED_CODES_FILE)
     model.head.set_codebook(codebook, torch.Generator(device=model.head.weight.device).manual_seed(run["seed"] + 1))
