@@ -40,6 +40,8 @@ RUNS = {
     "gif-random6": ["--head", "gif", "--code-method", "random", "--length", "6"],
     "gif-pq6-retokenized": ["--head", "gif", "--code-method", "pq", "--length", "6", "--retokenize-after", "2"],
     "gif-identity-ce": ["--head", "gif", "--identity-weight", "1"],
+    "gif-pfc-pq6": ["--head", "gif", "--first-head", "partial_fc", "--code-method", "pq", "--length", "6",
+                    "--retokenize-after", "3"],  # Partial FC for 3 epochs, then the code head on codes from its features
 }
 DEFAULT_RUNS = tuple(RUNS)
 # Synthetic data's budget per identity count (training images per identity, epochs): the same for every
@@ -111,18 +113,25 @@ def trainer_argv(args, name, num_ids, seed, out):
 
 
 def head_cost(metrics, run):
-    """(head FLOPs per step, full softmax's over the run's) from scale_ids' model."""
+    """(head FLOPs per step over the run's steps, full softmax's over that) from scale_ids' model; with
+    --retokenize-after, the first stage's head counts for the steps before the switch."""
     num_ids, batch, dim = metrics["num_ids"], run["batch_size"], run["embedding_dim"]
-    if metrics["head"] == "full":
-        flops = head_flops(batch, dim, num_ids)
-    elif metrics["head"] == "partial_fc":
-        flops = head_flops(batch, dim, partial_fc_class_count(run["sample_rate"], num_ids, batch))
-    else:
-        classes = metrics["code_length"] * metrics["vocab"]
+
+    def flops_of(kind):
+        if kind == "full":
+            return head_flops(batch, dim, num_ids)
+        if kind == "partial_fc":
+            return head_flops(batch, dim, partial_fc_class_count(run["sample_rate"], num_ids, batch))
         width = run["proj_dim"] or dim
-        flops = head_flops(batch, width, classes)
+        flops = head_flops(batch, width, metrics["code_length"] * metrics["vocab"])
         if run["proj_dim"]:  # one width-P projection per position
             flops += head_flops(batch, dim, run["proj_dim"] * metrics["code_length"])
+        return flops
+
+    flops = flops_of(metrics["head"])
+    switch = metrics.get("retokenized_at")
+    if switch is not None:
+        flops = (switch * flops_of(run["first_head"]) + (metrics["steps"] - switch) * flops) / metrics["steps"]
     return flops, head_flops(batch, dim, num_ids) / flops
 
 

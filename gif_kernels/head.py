@@ -88,8 +88,8 @@ class CodeHead(nn.Module):
             bound = 1.0 / math.sqrt(feature_dim)  # nn.Linear's initialization, per position
             self.proj_weight = nn.Parameter(torch.empty(length, feature_dim, proj_dim).uniform_(-bound, bound))
             self.proj_bias = nn.Parameter(torch.empty(length, proj_dim).uniform_(-bound, bound))
-        self.weight = nn.Parameter(torch.empty(length, vocab, proj_dim or feature_dim))
-        self.reset_classifier()
+        # insightface's N(0, 0.01) (only a row's direction matters)
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (length, vocab, proj_dim or feature_dim)))
         self.anchor_vectors = None
         if anchor_vectors is not None:
             if tuple(anchor_vectors.shape) != (codebook.num_ids, feature_dim):
@@ -102,22 +102,24 @@ class CodeHead(nn.Module):
             self.anchor_vectors = anchor_vectors  # data, not a parameter: kept out of state_dict
 
     @torch.no_grad()
-    def reset_classifier(self, generator: torch.Generator | None = None):
-        """Draws the classifier weights afresh: insightface's N(0, 0.01) (only a row's direction matters)."""
-        self.weight.normal_(0.0, 0.01, generator=generator)
-
-    def set_codebook(self, codebook: CodeBook, generator: torch.Generator | None = None):
-        """Trains on other codes for the same identities from now on (e.g. codes re-made from the features
-        learnt so far). Their tokens mean other things, so the classifier starts afresh; an optimizer's
-        state for `weight` is stale after this."""
-        if not isinstance(codebook, CodeBook):
-            raise TypeError(f"codebook: expected a CodeBook, got {type(codebook)}")
-        shape, old = (codebook.num_ids, codebook.length, codebook.vocab), self.codebook
-        if shape != (old.num_ids, old.length, old.vocab):
-            raise ValueError(f"codebook: expected (N, L, V) = {(old.num_ids, old.length, old.vocab)} as the "
-                             f"codes it replaces, got {shape}")
-        self.codebook = codebook
-        self.reset_classifier(generator)
+    def init_from_vectors(self, vectors: torch.Tensor):
+        """Sets each token's classifier row to the mean of the normalized identity vectors (N, D) of the
+        identities whose code has that token at that position (a token no code uses keeps its row), so
+        that the classifier starts where the codes put the identities instead of at random: codes made
+        from a trained backbone's features are then scored well from the first step, and the backbone
+        gets no gradient from a random classifier. Without projection heads only (they change the space)."""
+        if self.proj_dim is not None:
+            raise ValueError("init_from_vectors: the classifiers see projections (proj_dim), not the vectors' space")
+        n, length, vocab = self.codebook.num_ids, self.codebook.length, self.codebook.vocab
+        if tuple(vectors.shape) != (n, self.feature_dim) or not vectors.dtype.is_floating_point:
+            raise ValueError(f"vectors: expected a float tensor (N, D) = ({n}, {self.feature_dim}), got "
+                             f"{vectors.dtype} {tuple(vectors.shape)}")
+        unit = F.normalize(vectors.to(self.weight.device, torch.float32), dim=-1, eps=NORM_EPS)
+        codes = self.codebook.codes.to(self.weight.device, torch.int64)
+        for j in range(length):  # one position at a time: N x D at most, never N x L x D
+            sums = torch.zeros(vocab, self.feature_dim, device=unit.device).index_add_(0, codes[:, j], unit)
+            used = torch.bincount(codes[:, j], minlength=vocab) > 0
+            self.weight[j, used] = F.normalize(sums[used], dim=-1, eps=NORM_EPS).to(self.weight.dtype)
 
     def extra_repr(self):
         return (f"feature_dim={self.feature_dim}, codebook={self.codebook}, scale={self.scale}, "

@@ -11,8 +11,8 @@ accuracy = bench_script("accuracy")
 harness = bench_script("harness")
 
 # The tiny trainer run's model and data; the runner adds --data, --ids, --seed, --epochs, --out.
-# 3 epochs of 3 steps: gif-pq6-retokenized's switch (2 epochs) falls inside.
-SHARED = ["--images-per-id", "4", "--epochs", "3", "--trainer-args",
+# 4 epochs of 3 steps: the switches of gif-pq6-retokenized (2 epochs) and gif-pfc-pq6 (3) fall inside.
+SHARED = ["--images-per-id", "4", "--epochs", "4", "--trainer-args",
           "--image-size 16 --backbone cnn --embedding-dim 16 --vocab 3 --batch-size 8 --verify-ids 3 "
           "--holdout-per-id 2"]
 
@@ -68,6 +68,14 @@ def test_head_cost_with_projection_heads():
     assert ratio == harness.head_flops(8, 16, 100) / flops
     flops, _ = accuracy.head_cost({"num_ids": 100, "head": "partial_fc"}, run)
     assert flops == harness.head_flops(8, 16, 50)
+
+
+def test_head_cost_counts_the_first_stage_for_its_steps():
+    run = {"batch_size": 8, "embedding_dim": 16, "sample_rate": 0.5, "proj_dim": None, "first_head": "partial_fc"}
+    metrics = {"num_ids": 100, "head": "gif", "code_length": 2, "vocab": 10, "steps": 40, "retokenized_at": 30}
+    flops, ratio = accuracy.head_cost(metrics, run)
+    assert flops == (30 * harness.head_flops(8, 16, 50) + 10 * harness.head_flops(8, 16, 20)) / 40
+    assert ratio == harness.head_flops(8, 16, 100) / flops
 
 
 @pytest.mark.parametrize("argv,words", [

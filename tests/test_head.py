@@ -160,6 +160,25 @@ def test_bad_input_names_the_argument():
         FullSoftmaxHead(11, 10)(features, labels + 10)
 
 
+def test_init_from_vectors_puts_each_token_at_its_identities_mean():
+    torch.manual_seed(0)
+    codes = torch.tensor([[0, 2], [0, 1], [1, 1], [0, 0], [1, 2]])  # token 2 of position 0 unused
+    vectors = torch.randn(5, 7, dtype=torch.float64)
+    head = CodeHead(7, CodeBook(codes, vocab=3))
+    unused = head.weight[0, 2].clone()
+    head.init_from_vectors(vectors)
+    unit = F.normalize(vectors, dim=-1)
+    for j in range(2):
+        for v in codes[:, j].unique().tolist():
+            expected = F.normalize(unit[codes[:, j] == v].sum(0), dim=0).float()
+            torch.testing.assert_close(head.weight[j, v].detach(), expected)
+    assert torch.equal(head.weight[0, 2], unused)
+    with pytest.raises(ValueError, match=r"vectors: expected a float tensor \(N, D\) = \(5, 7\)"):
+        head.init_from_vectors(vectors[:, :6])
+    with pytest.raises(ValueError, match="init_from_vectors: .*proj_dim"):
+        CodeHead(7, CodeBook(codes, vocab=3), proj_dim=4).init_from_vectors(vectors)
+
+
 def test_anchor_loss_is_zero_on_the_anchor():
     anchors = torch.randn(5, 8)
     assert anchor_loss(3 * anchors, anchors) < 1e-12

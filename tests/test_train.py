@@ -1,4 +1,5 @@
 """The reference trainer end to end on tiny runs: metrics, checkpoints, kill and resume, DDP, evaluation."""
+import csv
 import json
 import signal
 import subprocess
@@ -64,44 +65,58 @@ class Interrupted(Exception):
     pass
 
 
-def interrupt_after_saving(monkeypatch, step, codes_file):
-    """Makes checkpoint.save raise once it has saved `step` with stats naming `codes_file`."""
+def retokenized(run, stats):
+    return checkpoint.stage_head(run, stats)[1] == checkpoint.RETOKENIZED_CODES_FILE
+
+
+def interrupt_after_saving(monkeypatch, step, switched):
+    """Makes checkpoint.save raise once it has saved `step` before (switched False) or after the switch."""
     save = checkpoint.save
 
     def save_then_stop(directory, saved_step, model, optimizer, run, stats):
         path = save(directory, saved_step, model, optimizer, run, stats)
-        if saved_step == step and checkpoint.codes_file(stats) == codes_file:
+        if saved_step == step and retokenized(run, stats) == switched:
             monkeypatch.setattr(checkpoint, "save", save)
             raise Interrupted
         return path
     monkeypatch.setattr(checkpoint, "save", save_then_stop)
 
 
-def test_retokenize_switch_resumes_from_either_side(tmp_path, monkeypatch):
+@pytest.mark.parametrize("first", [["--first-head", "gif"],
+                                   ["--first-head", "partial_fc", "--gamma", "1", "--classifier-init", "vectors"]],
+                         ids=["gif", "partial_fc"])
+def test_retokenize_switch_resumes_from_either_side(first, tmp_path, monkeypatch):
     # 3 steps an epoch: the switch is step 3 of 6. Stopped after the checkpoint before it (step 2), after
-    # step 3's first save (its codes still the first ones), or after the switch (step 3 again, then 4),
-    # every resumed run ends with the parameters and codes of the run that went through.
-    args = [*TINY, "--code-method", "pq", "--retokenize-after", "1", "--checkpoint-every", "1"]
+    # step 3's first save (still the first stage), or after the switch (step 3 again, then 4), every
+    # resumed run ends with the parameters and codes of the run that went through.
+    args = [*TINY, "--code-method", "pq", "--retokenize-after", "1", "--checkpoint-every", "1", *first]
     whole = tmp_path / "whole"
     train(parse_run([*args, "--out", str(whole)]))
-    first, second = (CodeBook.load(whole / name) for name in (checkpoint.CODES_FILE, checkpoint.RETOKENIZED_CODES_FILE))
-    assert (second.num_ids, second.length, second.vocab) == (first.num_ids, first.length, first.vocab)
+    second = CodeBook.load(whole / checkpoint.RETOKENIZED_CODES_FILE)
+    assert (second.num_ids, second.length, second.vocab) == (6, 2, 3)
+    assert (whole / checkpoint.CODES_FILE).exists() == (first[1] == "gif")
     final = checkpoint.load(whole / "checkpoint-6.safetensors")
-    assert checkpoint.codes_file(final["stats"]) == checkpoint.RETOKENIZED_CODES_FILE
+    assert retokenized(final["run"], final["stats"])
+    assert checkpoint.stage_head(final["run"], {}) == (first[1], checkpoint.CODES_FILE if first[1] == "gif" else None)
+    with open(whole / "log.csv", newline="") as f:  # one header over both stages' loss parts
+        rows = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(row["loss"] and row["code_ce"] for row in rows[3:])
+    if first[1] == "partial_fc":
+        assert all(row["softmax_ce"] and not row["code_ce"] for row in rows[:3])
     expected = parameters(whole / "checkpoint-6.safetensors")
-    stops = [(2, checkpoint.CODES_FILE), (3, checkpoint.CODES_FILE), (3, checkpoint.RETOKENIZED_CODES_FILE),
-             (4, checkpoint.RETOKENIZED_CODES_FILE)]
-    for step, codes_file in stops:
-        out = tmp_path / f"stopped-{step}-{codes_file}"
-        interrupt_after_saving(monkeypatch, step, codes_file)
+    for step, switched in [(2, False), (3, False), (3, True), (4, True)]:
+        out = tmp_path / f"stopped-{step}-{switched}"
+        interrupt_after_saving(monkeypatch, step, switched)
         with pytest.raises(Interrupted):
             train(parse_run([*args, "--out", str(out)]))
         metrics = train(parse_run([*args, "--out", str(out), "--resume"]))
         got = parameters(out / "checkpoint-6.safetensors")
-        assert all(torch.equal(expected[name], got[name]) for name in expected), (step, codes_file)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[name], got[name]) for name in expected), (step, switched)
         assert torch.equal(CodeBook.load(out / checkpoint.RETOKENIZED_CODES_FILE).codes, second.codes)
         assert metrics["code_length"] == second.length
-    # The evaluation CLI restores a checkpoint with the codes it was trained on.
+    # The evaluation CLI restores a checkpoint with the head and codes of its stage.
     model, _, _, codebook = checkpoint.restore_for_evaluation(final, whole, "cpu")
     assert torch.equal(codebook.codes, second.codes) and model.head.codebook is codebook
 
@@ -110,6 +125,8 @@ def test_retokenize_switch_resumes_from_either_side(tmp_path, monkeypatch):
     (["--retokenize-after", "0"], "> 0"),
     (["--retokenize-after", "1", "--code-method", "random"], "reads identity vectors"),
     (["--retokenize-after", "1", "--head", "full"], "--head gif"),
+    (["--first-head", "partial_fc"], "give --retokenize-after"),
+    (["--classifier-init", "vectors", "--proj-dim", "4"], "use one of them"),
 ])
 def test_retokenize_arguments(extra, words, tmp_path, capsys):
     with pytest.raises(SystemExit):

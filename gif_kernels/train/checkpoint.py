@@ -16,15 +16,19 @@ from safetensors.torch import save_file
 from ..codebook import CodeBook
 from ..files import atomic_write
 from .data import load_splits
-from .model import build_backbone_for, build_model
+from .model import FaceModel, build_backbone_for, build_run_head
 
 FILE_PATTERN = re.compile(r"checkpoint-(\d+)\.safetensors")
 # Beside the checkpoints in a run's output folder: the codes it trains on and the identity vectors
-# they were built from (the L_AR anchors); with --retokenize-after, the codes of the second stage,
-# made from the features learnt in the first. Each checkpoint's stats name its codes ("codes_file").
+# they were built from (the L_AR anchors). A run with --retokenize-after trains in two stages: its
+# --first-head (on the codes made at start when that is the code head), then the code head on codes
+# made again from the features learnt, in the RETOKENIZED_ files. The stats of each checkpoint past
+# the switch hold its step ("retokenized_at").
 CODES_FILE = "codes.safetensors"
-RETOKENIZED_CODES_FILE = "codes-retokenized.safetensors"
 VECTORS_FILE = "identity_vectors.npy"
+RETOKENIZED_CODES_FILE = "codes-retokenized.safetensors"
+RETOKENIZED_VECTORS_FILE = "identity_vectors-retokenized.npy"
+STAGE_VECTORS = {CODES_FILE: VECTORS_FILE, RETOKENIZED_CODES_FILE: RETOKENIZED_VECTORS_FILE}
 KEEP = 2  # checkpoints kept on disk: the newest, and one before it in case the newest is damaged
 
 
@@ -107,9 +111,16 @@ def load_latest(directory) -> dict | None:
     return None
 
 
-def codes_file(stats: dict) -> str:
-    """The codes file that a checkpoint with these stats was trained on."""
-    return stats.get("codes_file", CODES_FILE)
+def stage_head(run: dict, stats: dict) -> tuple[str, str | None]:
+    """(head kind, codes file or None) that a checkpoint with these stats trains: the run's --head on
+    CODES_FILE; with --retokenize-after, its --first-head until the switch and then the code head on
+    RETOKENIZED_CODES_FILE."""
+    if run["head"] != "gif":
+        return run["head"], None
+    if "retokenized_at" in stats:
+        return "gif", RETOKENIZED_CODES_FILE
+    kind = "gif" if run["retokenize_after"] is None else run["first_head"]
+    return kind, CODES_FILE if kind == "gif" else None
 
 
 def restore_for_evaluation(saved: dict, out: Path, device):
@@ -117,7 +128,8 @@ def restore_for_evaluation(saved: dict, out: Path, device):
     run = saved["run"]
     splits = load_splits(run)
     backbone, feature_dim = build_backbone_for(run, splits.input_shape)
-    codebook = CodeBook.load(out / codes_file(saved["stats"])) if run["head"] == "gif" else None
-    model = build_model(run, backbone, feature_dim, splits.num_ids, codebook)
+    kind, codes = stage_head(run, saved["stats"])
+    codebook = CodeBook.load(out / codes) if codes else None
+    model = FaceModel(backbone, build_run_head(run, kind, feature_dim, splits.num_ids, codebook))
     model.load_state_dict(saved["model"], strict=False)  # without anchors: L_AR is training-only
     return model.to(device), splits, run, codebook

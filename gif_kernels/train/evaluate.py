@@ -104,6 +104,8 @@ def run_description(run: dict, num_ids: int, codebook: CodeBook | None, step: in
                    "backbone": run["backbone"], "num_ids": num_ids, "processes": stats.get("processes")}
     if codebook is not None:
         description.update(code_length=codebook.length, vocab=codebook.vocab)
+    if "retokenized_at" in stats:
+        description["retokenized_at"] = stats["retokenized_at"]
     return description
 
 

@@ -24,23 +24,27 @@ class FaceModel(nn.Module):
         return self.head(self.backbone(inputs), labels)
 
 
+def feature_dim_of(run: dict, input_shape: tuple) -> int:
+    """D of the features a run's head sees: the embedding width, or features data's own."""
+    return input_shape[0] if len(input_shape) == 1 else run["embedding_dim"]
+
+
 def build_backbone_for(run: dict, input_shape: tuple) -> tuple[nn.Module, int]:
     """(backbone, feature dim) of a run. Features data trains the head alone: no backbone."""
     if len(input_shape) == 1:
-        return nn.Identity(), input_shape[0]
-    return build_backbone(run["backbone"], run["embedding_dim"], input_shape[-1]), run["embedding_dim"]
+        return nn.Identity(), feature_dim_of(run, input_shape)
+    return build_backbone(run["backbone"], run["embedding_dim"], input_shape[-1]), feature_dim_of(run, input_shape)
 
 
-def build_model(run: dict, backbone: nn.Module, feature_dim: int, num_ids: int, codebook: CodeBook | None,
-                anchor_vectors: torch.Tensor | None = None) -> FaceModel:
-    """The backbone with the head a run's arguments describe."""
+def build_run_head(run: dict, kind: str, feature_dim: int, num_ids: int, codebook: CodeBook | None,
+                   anchor_vectors: torch.Tensor | None = None) -> nn.Module:
+    """The head of kind `kind` (one of HEADS) with a run's arguments."""
     margin = {"scale": run["scale"], "margin": run["margin"], "m": run["m"]}
     code_args = {"proj_dim": run["proj_dim"], "anchor_vectors": anchor_vectors, "gamma": run["gamma"],
                  "identity_weight": run["identity_weight"], "identity_samples": run["identity_samples"],
-                 "backend": run["backend"]} if run["head"] == "gif" else {}
-    head = build_head(run["head"], feature_dim, codebook=codebook, num_ids=num_ids,
-                      sample_rate=run["sample_rate"], seed=run["seed"], **margin, **code_args)
-    return FaceModel(backbone, head)
+                 "backend": run["backend"]} if kind == "gif" else {}
+    return build_head(kind, feature_dim, codebook=codebook, num_ids=num_ids, sample_rate=run["sample_rate"],
+                      seed=run["seed"], **margin, **code_args)
 
 
 @torch.no_grad()

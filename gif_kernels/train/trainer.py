@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..cli import ArgumentParser, one_line_errors
 from ..codebook import CodeBook
-from ..head import DEFAULT_MARGINS
+from ..files import atomic_write
+from ..head import DEFAULT_MARGINS, CodeHead
 from ..ops import BACKENDS, check_scale
 from ..tokenize import DEFAULT_METHOD, METHODS, VECTOR_METHODS
 from . import checkpoint
@@ -34,14 +35,15 @@ from .backbones import BACKBONES
 from .data import SYNTHETIC_IMAGES_PER_ID, load_splits
 from .evaluate import evaluate, run_description, write_metrics
 from .heads import HEADS
-from .model import build_backbone_for, build_codebook, build_model, identity_vectors, mean_features
+from .model import (FaceModel, build_backbone_for, build_codebook, build_run_head, feature_dim_of,
+                    identity_vectors, mean_features)
 
 # Arguments a resumed run must share with the run it continues. Others given on its command line
 # (e.g. --steps to train longer, --workers) replace the saved ones.
 RESUME_KEYS = ("data", "ids", "images_per_id", "holdout_per_id", "verify_ids", "image_size", "backbone",
                "embedding_dim", "head", "sample_rate", "margin", "m", "scale", "vocab", "length", "proj_dim",
                "gamma", "identity_weight", "identity_samples", "codes", "code_method", "identity_vectors",
-               "spread_steps", "retokenize_after",
+               "spread_steps", "retokenize_after", "first_head", "classifier_init",
                "optimizer", "lr", "momentum", "weight_decay", "warmup", "batch_size", "grad_clip", "seed")
 
 
@@ -82,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     codes.add_argument("--retokenize-after", type=float,
                        help="epochs on the first codes; then codes are made again (--code-method) from the mean "
                             "features of the backbone trained so far, and training goes on with them")
+    codes.add_argument("--first-head", default="gif", choices=HEADS,
+                       help="head of the epochs before --retokenize-after's switch: gif, the code head on the "
+                            "first codes; full / partial_fc, a softmax head that the code head then replaces")
+    codes.add_argument("--classifier-init", default="random", choices=("random", "vectors"),
+                       help="the code classifier's first weights: random, or each token's mean of the identity "
+                            "vectors its codes were made from")
     codes.add_argument("--proj-dim", type=int, help="per-position projection heads of this width")
     codes.add_argument("--gamma", type=float, default=0.0,
                        help="weight of L_AR toward the identity vectors (needs them at the features' width)")
@@ -121,12 +129,17 @@ def parse_run(argv=None) -> dict:
     for key, minimum in minimums.items():
         if run[key] is not None and run[key] < minimum:
             parser.error(f"--{key.replace('_', '-')}: expected an integer >= {minimum}, got {run[key]}")
+    if run["first_head"] != "gif" and run["retokenize_after"] is None:
+        parser.error(f"--first-head: {run['first_head']} trains the first stage of --retokenize-after; "
+                     f"give --retokenize-after too")
     if run["retokenize_after"] is not None:
         if not run["retokenize_after"] > 0:
             parser.error(f"--retokenize-after: expected a number of epochs > 0, got {run['retokenize_after']}")
         if run["head"] != "gif" or run["codes"] or run["code_method"] not in VECTOR_METHODS:
             parser.error(f"--retokenize-after: needs --head gif, codes built at start (no --codes) and a "
                          f"--code-method that reads identity vectors ({', '.join(VECTOR_METHODS)})")
+    if run["classifier_init"] == "vectors" and run["proj_dim"]:
+        parser.error("--classifier-init vectors: the classifiers see projections with --proj-dim; use one of them")
     try:
         check_scale(run["scale"])
     except ValueError as error:
@@ -160,23 +173,35 @@ def learning_rate(run: dict, step: int, total: int) -> float:
     return run["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-def prepare_codes(run: dict, out: Path, backbone, splits, device, rank: int, world: int):
-    """(CodeBook, identity vectors or None), made once by rank 0 into OUT and read by every rank, so
-    that all processes (and a resumed run) train on the same codes."""
-    if run["head"] != "gif":
-        return None, None
-    needs_vectors = not run["codes"] or run["gamma"] > 0
+def make_codes(run: dict, out: Path, backbone, splits, device, rank: int, world: int):
+    """The codes a code head trains on from the start, made once by rank 0 into OUT, so that all
+    processes (and a resumed run) train on the same codes."""
     if rank == 0 and not (out / checkpoint.CODES_FILE).exists():
+        needs_vectors = not run["codes"] or run["gamma"] > 0 or run["classifier_init"] == "vectors"
         vectors = identity_vectors(run, backbone, splits, device, run["workers"]) if needs_vectors else None
         build_codebook(run, vectors, splits.num_ids).save(out / checkpoint.CODES_FILE)
         if vectors is not None:
             np.save(out / checkpoint.VECTORS_FILE, vectors.numpy())
     barrier(world)
-    codebook = CodeBook.load(out / checkpoint.CODES_FILE)
-    anchors = None
+
+
+def stage_code_head(run: dict, out: Path, codes: str, feature_dim: int, num_ids: int, device) -> CodeHead:
+    """The code head on a stage's codes file in OUT. With --gamma, L_AR pulls toward the identity
+    vectors those codes were made from (kept on the CPU unless training on a GPU: see CodeHead); with
+    --classifier-init vectors, the classifier starts at their means per token."""
+    codebook = CodeBook.load(out / codes)
+    vectors = anchors = None
+    if run["gamma"] > 0 or run["classifier_init"] == "vectors":
+        vectors = torch.from_numpy(np.load(out / checkpoint.STAGE_VECTORS[codes], allow_pickle=False))
+        if vectors.shape[1] != feature_dim:
+            raise ValueError(f"--identity-vectors: --gamma and --classifier-init vectors need identity vectors of "
+                             f"the features' width {feature_dim}, got {vectors.shape[1]}")
     if run["gamma"] > 0:
-        anchors = torch.from_numpy(np.load(out / checkpoint.VECTORS_FILE, allow_pickle=False))
-    return codebook, anchors
+        anchors = vectors.to(device) if device.type == "cuda" else vectors
+    head = build_run_head(run, "gif", feature_dim, num_ids, codebook, anchors)
+    if run["classifier_init"] == "vectors":
+        head.init_from_vectors(vectors)
+    return head.to(device)
 
 
 def retokenize_step(run: dict, per_epoch: int, total: int) -> int | None:
@@ -191,18 +216,29 @@ def retokenize_step(run: dict, per_epoch: int, total: int) -> int | None:
 
 
 def retokenize(run: dict, out: Path, model, optimizer, splits, device, rank: int, world: int) -> CodeBook:
-    """The switch of --retokenize-after: codes made again by rank 0 from the mean features of the backbone
-    trained so far, read by every rank; the classifier starts afresh on them (the same draw everywhere),
-    its optimizer state dropped. Returns the new CodeBook."""
+    """The switch of --retokenize-after: codes made by rank 0 from the mean features of the backbone
+    trained so far, read by every rank, and a new code head on them in place of the first stage's head
+    (the same initial draw everywhere), its parameters in the optimizer in place of the old head's,
+    whose state is dropped. Returns the new CodeBook."""
+    codes = checkpoint.RETOKENIZED_CODES_FILE
     if rank == 0:
         vectors = mean_features(model.backbone, splits.train, splits.train_labels, splits.num_ids, device,
                                 run["workers"])
-        build_codebook(run, vectors, splits.num_ids).save(out / checkpoint.RETOKENIZED_CODES_FILE)
+        build_codebook(run, vectors, splits.num_ids).save(out / codes)
+        np.save(out / checkpoint.STAGE_VECTORS[codes], vectors.numpy())
     barrier(world)
-    codebook = CodeBook.load(out / checkpoint.RETOKENIZED_CODES_FILE)
-    model.head.set_codebook(codebook, torch.Generator(device=model.head.weight.device).manual_seed(run["seed"] + 1))
-    optimizer.state.pop(model.head.weight, None)
-    return codebook
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run["seed"] + 1)
+        head = stage_code_head(run, out, codes, feature_dim_of(run, splits.input_shape), splits.num_ids, device)
+    old = {id(p) for p in model.head.parameters()}
+    for group in optimizer.param_groups:  # the head's parameters come last, as in a newly built optimizer
+        for p in group["params"]:
+            if id(p) in old:
+                optimizer.state.pop(p, None)
+        group["params"] = [p for p in group["params"] if id(p) not in old]
+    optimizer.param_groups[-1]["params"].extend(head.parameters())
+    model.head = head
+    return head.codebook
 
 
 def resumed_run(run: dict, saved: dict) -> dict:
@@ -228,12 +264,23 @@ class Log:
             pass
 
     def write(self, step: int, values: dict):
-        fresh = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            row = csv.DictWriter(f, fieldnames=["step", *values])
-            if fresh:
-                row.writeheader()
-            row.writerow({"step": step, **values})
+        row = {"step": step, **values}
+        rows, fields = [], []
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                fields = list(reader.fieldnames or [])
+                if not set(row) <= set(fields):  # new columns (the loss parts change at --retokenize-after)
+                    rows = list(reader)
+        if fields and set(row) <= set(fields):
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields, restval="").writerow(row)
+        else:  # the whole file again under the union of the columns, earlier rows blank in the new ones
+            fields += [key for key in row if key not in fields]
+            with atomic_write(self.path) as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields, restval="")
+                writer.writeheader()
+                writer.writerows([*rows, row])
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
@@ -259,17 +306,21 @@ def start_or_resume(run: dict, out: Path, world: int) -> tuple[dict, dict | None
     return run, saved
 
 
-def build_training(run: dict, out: Path, splits, device, rank: int, world: int):
-    """(model, optimizer, codebook or None) on `device`, with the same initial weights in every process."""
+def build_training(run: dict, out: Path, splits, device, rank: int, world: int, stats: dict):
+    """(model, optimizer, codebook or None) on `device` for the stage that a checkpoint with these
+    stats trains (checkpoint.stage_head), with the same initial weights in every process."""
     torch.manual_seed(run["seed"])
     backbone, feature_dim = build_backbone_for(run, splits.input_shape)
     backbone.to(device)
-    codebook, anchors = prepare_codes(run, out, backbone, splits, device, rank, world)
-    if anchors is not None and anchors.shape[1] != feature_dim:
-        raise ValueError(f"--gamma: L_AR needs identity vectors of the features' width {feature_dim}, got "
-                         f"{anchors.shape[1]}; pass --gamma 0 or vectors of that width")
-    model = build_model(run, backbone, feature_dim, splits.num_ids, codebook,
-                        anchors.to(device) if anchors is not None and device.type == "cuda" else anchors)
+    kind, codes = checkpoint.stage_head(run, stats)
+    if codes == checkpoint.CODES_FILE:
+        make_codes(run, out, backbone, splits, device, rank, world)
+    if codes is None:
+        head = build_run_head(run, kind, feature_dim, splits.num_ids, None)
+    else:
+        head = stage_code_head(run, out, codes, feature_dim, splits.num_ids, device)
+    model = FaceModel(backbone, head)
+    codebook = head.codebook if codes else None
     model.to(device)
     if run["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=run["lr"], momentum=run["momentum"],
@@ -355,30 +406,29 @@ def train(run: dict) -> dict | None:
     total = run["steps"] or max(1, round(run["epochs"] * per_epoch))
     switch = retokenize_step(run, per_epoch, total)
     created = rank == 0 and not out.exists()
+    stats = {**saved["stats"], "processes": world} if saved is not None else {"processes": world}
     try:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         barrier(world)
-        model, optimizer, codebook = build_training(run, out, splits, device, rank, world)
+        model, optimizer, codebook = build_training(run, out, splits, device, rank, world, stats)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    step, stats = 0, {"processes": world}
+    step = 0
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        step, stats = saved["step"], {**saved["stats"], "processes": world}
+        step = saved["step"]
         if rank == 0:
             print(f"resumed from step {step} ({saved['path']})", flush=True)
-    if checkpoint.codes_file(stats) == checkpoint.RETOKENIZED_CODES_FILE:  # resumed past the switch
-        codebook = CodeBook.load(out / checkpoint.RETOKENIZED_CODES_FILE)
-        model.head.codebook = codebook
-    elif switch is not None:  # the first stage (nothing left of it when resumed at the switch), then the switch
+    if switch is not None and checkpoint.stage_head(run, stats)[1] != checkpoint.RETOKENIZED_CODES_FILE:
+        # the first stage (nothing left of it when resumed at the switch), then the switch
         step = train_steps(run, out, model, optimizer, splits, device, rank, world, step, switch, total, per_epoch,
                            stats)
         codebook = retokenize(run, out, model, optimizer, splits, device, rank, world)
-        stats["codes_file"] = checkpoint.RETOKENIZED_CODES_FILE
+        stats["retokenized_at"] = step
         if rank == 0:
             checkpoint.save(out, step, model, optimizer, run, stats)
         barrier(world)
