@@ -111,6 +111,12 @@ int64_t block_rows(int64_t L, int64_t V, int64_t block_elements) {
   return std::max<int64_t>(1, block_elements / (L * V));
 }
 
+// cos_dot / ||v|| (clamped norms), the coefficient of v in the component that normalization removes;
+// 0 below eps, where the norm is the constant eps (the gradient of F.normalize there).
+at::Tensor projection_coefficient(const at::Tensor& cos_dot, const at::Tensor& norm) {
+  return at::where(norm > kNormEps, cos_dot / norm, at::zeros({}, cos_dot.options()));
+}
+
 at::Tensor slice_or_undefined(const at::Tensor& t, int64_t b0, int64_t b1) {
   return t.defined() ? t.slice(0, b0, b1) : t;
 }
@@ -204,7 +210,8 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     if (normalize) {
       // Through v / ||v||: grad = (grad_unit - unit * (unit . grad_unit)) / ||v||, unit = v / ||v||.
       const at::Tensor norm = feat_norm.unsqueeze(-1);
-      grad_block.addcmul_(feats.to(o.acc), feat_cos_dot.unsqueeze(-1) / norm, -1).div_(norm);
+      grad_block.addcmul_(feats.to(o.acc), projection_coefficient(feat_cos_dot.unsqueeze(-1), norm), -1)
+          .div_(norm);
     }
   }
   if (normalize) {
@@ -213,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     const at::Tensor norm = o.row_norm.unsqueeze(-1);
     const at::Tensor rows = o.rows.to(o.acc);
     const at::Tensor row_cos_dot = at::linalg_vecdot(grad_rows_acc, rows).unsqueeze(-1) / norm;
-    grad_rows_acc.addcmul_(rows, row_cos_dot.div(norm), -1).div_(norm);
+    grad_rows_acc.addcmul_(rows, projection_coefficient(row_cos_dot, norm), -1).div_(norm);
   }
   at::Tensor grad_x = (x.dim() == 2 ? grad_feats.squeeze(1) : grad_feats).to(x.scalar_type());
   return {grad_x, grad_rows_acc.to(weight.scalar_type())};

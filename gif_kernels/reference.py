@@ -20,10 +20,10 @@ def arcface_phi(cos: torch.Tensor, m2: float) -> torch.Tensor:
     return torch.where(cos >= -cos_m, cos * cos_m - sin_t * sin_m, cos - m2 * sin_m)
 
 
-def code_ce_rows(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3=0.0,
-                 normalize=True, ignore_index=-100):
-    """Per-sample, per-position loss position_weight_j * CE_bj, shape (B, L); 0 where
-    codes == ignore_index."""
+def margin_logits(x, weight, codes, scale=64.0, m2=0.0, m3=0.0, normalize=True, ignore_index=-100):
+    """(logits (B, L, V), target_logit (B, L), ignored (B, L)): scale * cos with the margin on each row's
+    target; a row whose code is ignore_index has no target, so no margin, even when ignore_index is a
+    token in [0, V)."""
     num_positions = weight.shape[0]
     feats = x.unsqueeze(1).expand(-1, num_positions, -1) if x.dim() == 2 else x
     if normalize:
@@ -33,8 +33,21 @@ def code_ce_rows(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3=
     ignored = codes == ignore_index
     target = codes.masked_fill(ignored, 0).long().unsqueeze(-1)
     target_logit = scale * (arcface_phi(cos.gather(-1, target), m2) - m3)
-    logits = (scale * cos).scatter(-1, target, target_logit)
-    ce = torch.logsumexp(logits, dim=-1) - target_logit.squeeze(-1)
+    logits = torch.where(ignored.unsqueeze(-1), scale * cos, (scale * cos).scatter(-1, target, target_logit))
+    return logits, target_logit.squeeze(-1), ignored
+
+
+def code_ce_lse(x, weight, codes, scale=64.0, m2=0.0, m3=0.0, normalize=True, ignore_index=-100):
+    """The logsumexp of each row's logits (B, L): the forward kernels' second output."""
+    return torch.logsumexp(margin_logits(x, weight, codes, scale, m2, m3, normalize, ignore_index)[0], dim=-1)
+
+
+def code_ce_rows(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3=0.0,
+                 normalize=True, ignore_index=-100):
+    """Per-sample, per-position loss position_weight_j * CE_bj, shape (B, L); 0 where
+    codes == ignore_index."""
+    logits, target_logit, ignored = margin_logits(x, weight, codes, scale, m2, m3, normalize, ignore_index)
+    ce = torch.logsumexp(logits, dim=-1) - target_logit
     if position_weight is not None:
         ce = ce * position_weight
     return ce.masked_fill(ignored, 0.0)

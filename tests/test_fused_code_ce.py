@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import gif_kernels
-from tests.helpers.code_ce_cases import (MARGINS, SIZES, arcface_fallback_hit, check_against_reference, make_inputs, op_samples,
-                           opcheck_family)
+from tests.helpers.code_ce_cases import (MARGINS, SIZES, arcface_fallback_hit, check_against_reference,
+                                        check_empty_batch, check_tiny_norms, make_inputs, op_samples,
+                                        opcheck_family, tiny_norm_inputs)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
@@ -222,3 +223,24 @@ def test_fake_kernels_run_the_real_paths_checks():
             torch.ops.gif.code_ce_forward(x, w.double(), codes, None, 64.0, 0.0, 0.0, True, -100)
         with pytest.raises(ValueError, match="scale"):
             torch.ops.gif.code_ce_backward(rows, x, w, codes, None, lse, 0.0, 0.0, 0.0, True, -100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+def test_rows_below_the_norm_eps(shared, dtype):
+    check_tiny_norms("cpu", tiny_norm_inputs(shared, dtype), **MARGINS["both"])
+
+
+def test_ignored_rows_have_no_margin_in_their_lse():
+    inputs = make_inputs(8, 3, 16, 8, False, torch.float64, seed=6, ignore=False)
+    codes = inputs["codes"].clone()
+    codes[:, 1] = 7  # an ignore_index that is a token: those rows' lse is the plain logits'
+    args = (inputs["x"], inputs["weight"], codes, None, 16.0, 0.3, 0.2, True, 7)
+    _, lse = torch.ops.gif.code_ce_forward(*args)
+    torch.testing.assert_close(lse, gif_kernels.reference.code_ce_lse(*args[:3], *args[4:]))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_empty_batch(backend, reduction):
+    check_empty_batch(backend, reduction)

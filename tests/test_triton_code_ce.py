@@ -3,7 +3,9 @@ under TRITON_INTERPRET=1 (slow, so a representative subset of the CPU grid)."""
 import pytest
 import torch
 
-from tests.helpers.code_ce_cases import MARGINS, check_against_reference, make_inputs
+import gif_kernels
+from tests.helpers.code_ce_cases import (MARGINS, check_against_reference, check_empty_batch, check_tiny_norms,
+                                        make_inputs, tiny_norm_inputs)
 from gif_kernels.triton.code_ce import _deterministic_partials
 
 pytestmark = pytest.mark.triton
@@ -50,7 +52,8 @@ def test_deterministic_follows_the_global_flag(deterministic, monkeypatch):
 
 
 @pytest.mark.parametrize("programs,items,expected", [(1, 10, (4, 3)), (3, 10, (2, 5)), (4, 10, (1, 10)),
-                                                     (1, 2, (2, 1)), (100, 1, (1, 1))])
+                                                     (1, 2, (2, 1)), (100, 1, (1, 1)), (0, 7, (1, 7)),
+                                                     (3, 0, (1, 1))])
 def test_chunks_fill_the_grid_without_empty_chunks(programs, items, expected):
     from gif_kernels.triton.code_ce import _chunks
     assert _chunks(programs, items, torch.device("cpu")) == expected
@@ -95,3 +98,25 @@ def test_out_of_range_codes_raise_on_cpu():
     with pytest.raises(ValueError, match="codes"):
         torch.ops.gif.triton_code_ce_forward(inputs["x"], inputs["weight"], codes, None, 64.0, 0.0,
                                              0.0, True, -100, False)
+
+
+@BACKWARDS
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+def test_rows_below_the_norm_eps(shared, deterministic):
+    check_tiny_norms("triton", tiny_norm_inputs(shared, torch.float32, DEVICE), deterministic=deterministic,
+                     **MARGINS["both"])
+
+
+def test_ignored_rows_have_no_margin_in_their_lse():
+    inputs = make_inputs(8, 3, 16, 8, False, torch.float64, DEVICE, seed=6, ignore=False)
+    codes = inputs["codes"].clone()
+    codes[:, 1] = 7  # an ignore_index that is a token: those rows' lse is the plain logits'
+    args = (inputs["x"], inputs["weight"], codes, None, 16.0, 0.3, 0.2, True, 7)
+    _, lse = torch.ops.gif.triton_code_ce_forward(*args, False)
+    torch.testing.assert_close(lse, gif_kernels.reference.code_ce_lse(*args[:3], *args[4:]))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@BACKWARDS
+def test_empty_batch(reduction, deterministic):
+    check_empty_batch("triton", reduction, DEVICE, deterministic=deterministic)

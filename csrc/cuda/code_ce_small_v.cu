@@ -63,6 +63,13 @@ __device__ __forceinline__ acc_t clamped_norm(acc_t sum_sq) {
   return n > acc_t(kNormEps) ? n : acc_t(kNormEps);
 }
 
+// The component of a gradient along the unit vector that normalization removes, cos_dot * value / norm;
+// none below eps, where the norm is the constant eps (the gradient of F.normalize there).
+template <typename acc_t>
+__device__ __forceinline__ acc_t projection(acc_t cos_dot, acc_t value, acc_t clamped) {
+  return clamped > acc_t(kNormEps) ? cos_dot * value / clamped : acc_t(0);
+}
+
 // Arguments of the small-V kernels. x is (B, Lx, D) with Lx = 1 for shared features, weight is
 // (N = L * V, D); both contiguous. A block takes kSamplesPerBlock samples (blockIdx.x) and P
 // consecutive positions (blockIdx.y): fewer positions per block give more blocks when the samples
@@ -335,7 +342,7 @@ small_v_backward_kernel(SmallVArgs<scalar_t, acc_t> a, const acc_t* grad_loss, c
         if (a.normalize) {
           const acc_t feat_cos_dot = sm.feat_cos_dot[s * sl.np + f];
           const acc_t norm = clamped_norm(sm.feat_sq[s * sl.nf + f]);
-          g = (g - feat_cos_dot * static_cast<acc_t>(a.x[feat_row * a.D + d]) / norm) / norm;
+          g = (g - projection(feat_cos_dot, static_cast<acc_t>(a.x[feat_row * a.D + d]), norm)) / norm;
         }
         if (grad_x_partial) {
           grad_x_partial[(int64_t(blockIdx.y) * a.B + feat_row) * a.D + d] = g;
@@ -435,7 +442,7 @@ __global__ void small_v_finish_kernel(SmallVArgs<scalar_t, acc_t> a, const acc_t
       acc_t dot = 0;
       for (int64_t z = 0; z < splits; ++z) dot += row_cos_dot_partial[z * N + n];
       const acc_t norm = row_norm[n];
-      p = (p - dot * static_cast<acc_t>(a.weight[i]) / norm) / norm;
+      p = (p - projection(dot, static_cast<acc_t>(a.weight[i]), norm)) / norm;
     }
     grad_weight[i] = static_cast<scalar_t>(p);
   }

@@ -113,14 +113,20 @@ def fused_code_ce(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     backend = resolve_backend(backend, x.device, weight.shape[1], deterministic)
-    args = (x, weight, codes, position_weight, float(scale), float(m2), float(m3), bool(normalize),
-            int(ignore_index))
+    # The kernels' autograd differentiates x and weight only. A position_weight that needs a gradient
+    # scales the kernels' unweighted rows here instead (a (B, L) product), and autograd does the rest.
+    learned_weight = (position_weight is not None and position_weight.requires_grad
+                      and torch.is_grad_enabled() and backend != "reference")
+    args = (x, weight, codes, None if learned_weight else position_weight, float(scale), float(m2),
+            float(m3), bool(normalize), int(ignore_index))
     if backend == "reference":
         rows = reference.code_ce_rows(*args)
     elif backend == "triton":
         rows, _ = torch.ops.gif.triton_code_ce_forward(*args, bool(deterministic))
     else:
         rows, _ = torch.ops.gif.code_ce_forward(*args)
+    if learned_weight:
+        rows = rows * position_weight.to(rows.dtype)
     return reference.reduce_loss(rows, reduction)
 
 

@@ -105,6 +105,10 @@ def _code_ce_fwd_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, loss_ptr, 
     b_mask = offs_b < B
     rows = offs_b * L + j  # codes, loss and lse are contiguous (B, L)
     target = tl.load(codes_ptr + rows, mask=b_mask, other=ignore_index).to(tl.int64)
+    # An ignored row has no target column, also when ignore_index is a token in [0, V): its lse is that of
+    # the plain logits, as the C++ kernels give.
+    ignored = target == ignore_index
+    target = tl.where(ignored, -1, target)
     f_row_ptrs = x_ptr + offs_b * stride_xb + j * stride_xl
     row_max = tl.full((BLOCK_B,), _NEG_INF, acc_dtype)
     other_sum = tl.zeros((BLOCK_B,), dtype=acc_dtype)  # sum of exp(logit - row_max) over non-target columns
@@ -137,7 +141,7 @@ def _code_ce_fwd_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, loss_ptr, 
     # A bad code shows as NaN (0 / 0: a NaN global would fail Triton's check, NaN != NaN, that globals
     # are unchanged since compilation).
     loss = tl.where(in_range, loss, tl.zeros_like(loss) / tl.zeros_like(loss))
-    loss = tl.where(target == ignore_index, 0.0, loss)
+    loss = tl.where(ignored, 0.0, loss)
     tl.store(loss_ptr + rows, loss, mask=b_mask)
     tl.store(lse_ptr + rows, lse, mask=b_mask)
 
@@ -287,12 +291,12 @@ def _code_ce_bwd_features_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, g
         w = tl.load(w_ptr + j * stride_wl + offs_v[:, None] * stride_wv + offs_do[None, :] * stride_wd,
                     mask=(offs_v < V)[:, None] & do_mask[None, :], other=0.0).to(DOT_DTYPE)
         acc = _accumulate_dot(acc, grad_cos * (1.0 / nw)[None, :], w, in_dtype, DOT_DTYPE, SPLIT_GRAD_COS)
-    num_rows = B * (L // positions_per_row)
     f_rows = offs_b * (L // positions_per_row) + first_position
-    tl.store(grad_f_ptr + (chunk * num_rows + f_rows)[:, None] * D + offs_do[None, :], acc,
+    part_start = chunk * B * (L // positions_per_row)  # int64 from chunk on: past 2^31 for large B * L
+    tl.store(grad_f_ptr + (part_start + f_rows)[:, None] * D + offs_do[None, :], acc,
              mask=b_mask[:, None] & do_mask[None, :])
     if pid_d == 0:  # every column tile computes the same dots; one stores them
-        tl.store(feat_cos_dot_ptr + chunk * num_rows + f_rows, feat_cos_dot, mask=b_mask)
+        tl.store(feat_cos_dot_ptr + part_start + f_rows, feat_cos_dot, mask=b_mask)
 
 
 @triton.jit
@@ -329,12 +333,12 @@ def _code_ce_bwd_weight_kernel(x_ptr, w_ptr, codes_ptr, position_weight_ptr, gra
                     mask=(offs_b < B)[:, None] & do_mask[None, :], other=0.0).to(DOT_DTYPE)
         acc = _accumulate_dot(acc, tl.trans(grad_cos * (1.0 / nx)[:, None]), f, in_dtype, DOT_DTYPE,
                               SPLIT_GRAD_COS)
-    num_rows = L * V
     w_rows = j * V + offs_v
-    tl.store(grad_w_ptr + (chunk * num_rows + w_rows)[:, None] * D + offs_do[None, :], acc,
+    part_start = chunk * L * V  # int64 from chunk on
+    tl.store(grad_w_ptr + (part_start + w_rows)[:, None] * D + offs_do[None, :], acc,
              mask=v_mask[:, None] & do_mask[None, :])
     if pid_d == 0:
-        tl.store(row_cos_dot_ptr + chunk * num_rows + w_rows, row_cos_dot, mask=v_mask)
+        tl.store(row_cos_dot_ptr + part_start + w_rows, row_cos_dot, mask=v_mask)
 
 
 @triton.jit
@@ -350,6 +354,7 @@ def _finish_rows_kernel(parts_ptr, cos_dot_parts_ptr, vec_ptr, out_ptr, R, D, nu
     acc_dtype = parts_ptr.dtype.element_ty
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     r_mask = offs_r < R
+    rows_per_part = tl.cast(R, tl.int64)  # part * R passes 2^31 for large heads
     vec_row_ptrs = vec_ptr + (offs_r // rows_per_outer) * stride_outer + (offs_r % rows_per_outer) * stride_inner
     if NORMALIZE:
         sq = tl.zeros((BLOCK_R,), dtype=acc_dtype)
@@ -362,14 +367,15 @@ def _finish_rows_kernel(parts_ptr, cos_dot_parts_ptr, vec_ptr, out_ptr, R, D, nu
         inv_norm = 1.0 / tl.maximum(norm, _NORM_EPS)
         dot = tl.zeros((BLOCK_R,), dtype=acc_dtype)
         for part in range(num_parts):
-            dot += tl.load(cos_dot_parts_ptr + part * R + offs_r, mask=r_mask, other=0.0)
+            dot += tl.load(cos_dot_parts_ptr + part * rows_per_part + offs_r, mask=r_mask, other=0.0)
         coef = tl.where(norm >= _NORM_EPS, dot * inv_norm, 0.0)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = r_mask[:, None] & (offs_d < D)[None, :]
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc_dtype)
         for part in range(num_parts):
-            acc += tl.load(parts_ptr + (part * R + offs_r)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+            acc += tl.load(parts_ptr + (part * rows_per_part + offs_r)[:, None] * D + offs_d[None, :], mask=mask,
+                           other=0.0)
         if NORMALIZE:
             vec = tl.load(vec_row_ptrs[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(acc_dtype)
             acc = (acc - vec * coef[:, None]) * inv_norm[:, None]
@@ -466,6 +472,8 @@ def _chunks(programs, items, device):
     """(number of chunks, items per chunk): a reduction over `items` tiles is split into chunks, each a
     partial sum, until the grid's programs fill the GPU (two per SM). On CPU tensors (the Triton interpreter)
     a small fixed target, so that the tests exercise chunking."""
+    if programs == 0 or items == 0:  # an empty batch: one chunk (of nothing, or that no program runs)
+        return 1, max(items, 1)
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     per_chunk = triton.cdiv(items, min(items, max(1, triton.cdiv(target, programs))))
     return triton.cdiv(items, per_chunk), per_chunk

@@ -1,4 +1,5 @@
 """Inputs and the float64 comparison shared by the fused_code_ce tests of every backend."""
+import functools
 import itertools
 import math
 
@@ -6,6 +7,7 @@ import torch
 
 import gif_kernels
 from gif_kernels import reference
+from gif_kernels.constants import NORM_EPS
 
 # Largest error allowed, relative to the largest magnitude of the float64 reference. Gradients
 # cancel terms of size `scale` (64) down to O(1), so float32 rounding alone reaches ~1e-5 at large V.
@@ -59,12 +61,13 @@ def assert_close(actual, expected, dtype, what, floor=1.0):
 
 
 def check_against_reference(backend, inputs, reduction="none", deterministic=None, **kwargs):
-    """Loss, grad_x and grad_weight of `backend` against autograd of reference.py in float64. backend: a
-    backend name of gif_kernels.fused_code_ce, or a function with its arguments (x, weight, codes,
+    """Loss, grad_x and grad_weight (and grad_position_weight for a backend name) of `backend` against
+    autograd of reference.py in float64. backend: a backend name of gif_kernels.fused_code_ce, or a function with its arguments (x, weight, codes,
     position_weight, reduction=..., **kwargs)."""
     x = inputs["x"].detach().requires_grad_()
     weight = inputs["weight"].detach().requires_grad_()
-    pw = inputs["position_weight"]
+    # A backend name goes through gif_kernels.fused_code_ce, whose position_weight is learnable too.
+    pw = inputs["position_weight"].detach().requires_grad_(not callable(backend))
     if callable(backend):
         loss = backend(x, weight, inputs["codes"], pw, reduction=reduction, **kwargs)
     else:
@@ -72,12 +75,17 @@ def check_against_reference(backend, inputs, reduction="none", deterministic=Non
                                          backend=backend, deterministic=deterministic, **kwargs)
     x64 = inputs["x"].detach().double().cpu().requires_grad_()
     w64 = inputs["weight"].detach().double().cpu().requires_grad_()
-    expected = reference.fused_code_ce(x64, w64, inputs["codes"].cpu(), pw.double().cpu(),
-                                       reduction=reduction, **kwargs)
+    pw64 = pw.detach().double().cpu().requires_grad_()
+    expected = reference.fused_code_ce(x64, w64, inputs["codes"].cpu(), pw64, reduction=reduction, **kwargs)
     upstream = inputs["grad_rows"] if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
-    grad_x, grad_w = torch.autograd.grad(loss, (x, weight), upstream.to(loss.device, loss.dtype))
-    ref_x, ref_w = torch.autograd.grad(expected, (x64, w64), upstream.cpu())
+    wrt, wrt64 = ((x, weight, pw), (x64, w64, pw64)) if pw.requires_grad else ((x, weight), (x64, w64))
+    grads = torch.autograd.grad(loss, wrt, upstream.to(loss.device, loss.dtype))
+    ref_grads = torch.autograd.grad(expected, wrt64, upstream.cpu())
+    (grad_x, grad_w), (ref_x, ref_w) = grads[:2], ref_grads[:2]
     dtype = inputs["x"].dtype
+    if pw.requires_grad:  # d loss / d position_weight_j sums CE_bj: as accurate as the loss
+        assert grads[2].dtype == pw.dtype
+        assert_close(grads[2], ref_grads[2], dtype, "grad_position_weight")
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert grad_x.dtype == dtype and grad_w.dtype == dtype
     assert_close(loss.detach(), expected.detach(), dtype, "loss")
@@ -125,3 +133,50 @@ def opcheck_family(family, args):
     loss, lse = forward(*args)
     grad = torch.randn_like(loss)
     torch.library.opcheck(backward, (grad, x.detach(), weight.detach(), *args[2:4], lse.detach(), *args[4:]))
+
+
+def tiny_norm_inputs(shared, dtype, device="cpu"):
+    """Inputs with a zero feature row and weight row and rows whose norm lies below NORM_EPS, where the
+    normalization is a division by the constant eps and removes no component along the vector."""
+    inputs = make_inputs(4, 2, 5, 6, shared, torch.float64, seed=21, ignore=False)
+    x, weight = inputs["x"], inputs["weight"]
+    x[1] = 0
+    x[2] *= 0.3 * NORM_EPS / x[2].norm(dim=-1, keepdim=True)
+    weight[0, 1] = 0
+    weight[1, 2] *= 0.4 * NORM_EPS / weight[1, 2].norm()
+    return {**inputs, "x": x.to(device, dtype), "weight": weight.to(device, dtype)}
+
+
+def _loss_and_grads(loss_of, x, weight, inputs, kwargs):
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = loss_of(x, weight, inputs["codes"].to(x.device), inputs["position_weight"].to(x.device),
+                   reduction="none", **kwargs)
+    return (loss, *torch.autograd.grad(loss, (x, weight), inputs["grad_rows"].to(loss.device, loss.dtype)))
+
+
+def check_tiny_norms(backend, inputs, deterministic=None, **kwargs):
+    """check_against_reference row by row: the gradients of rows below eps are ~1/eps times the others'."""
+    loss_of = backend if callable(backend) else functools.partial(gif_kernels.fused_code_ce, backend=backend,
+                                                                   deterministic=deterministic)
+    actual = _loss_and_grads(loss_of, inputs["x"], inputs["weight"], inputs, kwargs)
+    expected = _loss_and_grads(reference.fused_code_ce, inputs["x"].double().cpu(),
+                               inputs["weight"].double().cpu(), inputs, kwargs)
+    for what, got, want in zip(("loss", "grad_x", "grad_weight"), actual, expected):
+        for row, (a, b) in enumerate(zip(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]))):
+            assert_close(a, b, inputs["x"].dtype, f"{what} row {row}")
+
+
+def check_empty_batch(backend, reduction, device="cpu", **kwargs):
+    """B = 0: an empty (0, L) loss, "sum" 0 and "mean" NaN (0 / 0, as F.cross_entropy of an empty batch),
+    and zero gradients of the right shapes for weight and position_weight."""
+    for x_shape in ((0, 6), (0, 3, 6)):
+        x = torch.randn(x_shape, device=device, requires_grad=True)
+        weight = torch.randn(3, 5, 6, device=device, requires_grad=True)
+        pw = torch.rand(3, device=device, requires_grad=True)
+        codes = torch.zeros(0, 3, dtype=torch.int64, device=device)
+        loss = gif_kernels.fused_code_ce(x, weight, codes, pw, reduction=reduction, backend=backend, **kwargs)
+        expected = {"none": torch.zeros(0, 3), "sum": torch.tensor(0.0), "mean": torch.tensor(float("nan"))}
+        torch.testing.assert_close(loss.detach().cpu(), expected[reduction], equal_nan=True)
+        loss.sum().backward()
+        assert x.grad.shape == x_shape
+        assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(pw.grad, torch.zeros_like(pw))
