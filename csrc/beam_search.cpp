@@ -4,8 +4,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <deque>
 #include <functional>
 #include <limits>
+#include <mutex>
+#include <optional>
+#include <vector>
 
 namespace gif {
 namespace {
@@ -44,8 +49,15 @@ void check_beam_search_args(const at::Tensor& scores, const at::Tensor& child_of
   TORCH_CHECK_VALUE(beam >= topk, "beam: expected >= topk = ", topk, ", got ", beam);
 }
 
-TrieShape check_trie_contents(const at::Tensor& child_offsets, const at::Tensor& child_tokens,
-                              const at::Tensor& leaf_ids, int64_t num_tokens) {
+namespace {
+
+struct CheckedContents {
+  TrieShape shape;
+  int64_t lowest_token, highest_token;  // checked against [0, V) of the scores on every call
+};
+
+CheckedContents read_trie_contents(const at::Tensor& child_offsets, const at::Tensor& child_tokens,
+                                   const at::Tensor& leaf_ids) {
   const at::Tensor offsets_c = child_offsets.contiguous(), tokens_c = child_tokens.contiguous();
   const int64_t* offsets = offsets_c.data_ptr<int64_t>();
   const int32_t* tokens = tokens_c.data_ptr<int32_t>();
@@ -86,9 +98,6 @@ TrieShape check_trie_contents(const at::Tensor& child_offsets, const at::Tensor&
     return r;
   };
   const Range token_range = at::parallel_reduce(0, num_edges, kCheckGrain, no_values, tokens_range, merge);
-  TORCH_CHECK_VALUE(num_edges == 0 || (token_range.lowest >= 0 && token_range.highest < num_tokens),
-                    "child_tokens: expected tokens in [0, V) = [0, ", num_tokens, ") of scores, found ",
-                    token_range.lowest < 0 ? token_range.lowest : token_range.highest);
   // Edge e leads to node e + 1, so level d + 1 is the children range of level d.
   int64_t begin = 0, end = 1, depth = 0, widest_level = 1;
   while (offsets[begin] < offsets[end]) {
@@ -102,9 +111,80 @@ TrieShape check_trie_contents(const at::Tensor& child_offsets, const at::Tensor&
   }
   TORCH_CHECK_VALUE(end == num_nodes, "child_offsets: the level of leaves ends at node ", end,
                     ", not at the node count M = ", num_nodes, " (leaves must all have depth L)");
-  TORCH_CHECK_VALUE(end - begin == leaf_ids.size(0), "leaf_ids: expected one id per leaf (", end - begin,
-                    "), got ", leaf_ids.size(0));
-  return {depth, begin, max_degree, widest_level};
+  const int64_t num_leaves = leaf_ids.size(0);
+  TORCH_CHECK_VALUE(end - begin == num_leaves, "leaf_ids: expected one id per leaf (", end - begin, "), got ",
+                    num_leaves);
+  // Leaf ids are the rows of the code table, each once: a permutation of [0, N).
+  const at::Tensor leaves_c = leaf_ids.contiguous();
+  const int64_t* leaves = leaves_c.data_ptr<int64_t>();
+  std::vector<bool> seen(num_leaves, false);
+  for (int64_t i = 0; i < num_leaves; ++i) {
+    TORCH_CHECK_VALUE(leaves[i] >= 0 && leaves[i] < num_leaves && !seen[leaves[i]], "leaf_ids: expected each id ",
+                      "of [0, N) = [0, ", num_leaves, ") once, got ", leaves[i], " at leaf ", i);
+    seen[leaves[i]] = true;
+  }
+  return {{depth, begin, max_degree, widest_level}, num_edges == 0 ? 0 : token_range.lowest,
+          num_edges == 0 ? -1 : token_range.highest};
+}
+
+// The contents checks are O(M) (about 15 ms at 10^7 codes, on every call of a search): the result is
+// remembered for the last few tries, by their arrays' TensorImpls (held weakly, so a freed tensor never
+// matches), data pointers and version counters (bumped by every in-place write through PyTorch), and a
+// search over the same unchanged arrays skips the check. Inference tensors keep no version: always checked.
+struct CacheEntry {
+  std::array<c10::weak_intrusive_ptr<c10::TensorImpl>, 3> arrays;
+  std::array<const void*, 3> data;
+  std::array<int64_t, 3> versions;
+  CheckedContents contents;
+};
+constexpr size_t kCachedTries = 8;
+std::mutex cache_mutex;
+std::deque<CacheEntry> cache;
+
+bool same_arrays(const CacheEntry& entry, const std::array<const at::Tensor*, 3>& arrays) {
+  for (size_t i = 0; i < 3; ++i) {
+    const at::Tensor& t = *arrays[i];
+    if (entry.arrays[i].lock().get() != t.unsafeGetTensorImpl() || entry.data[i] != t.data_ptr() ||
+        entry.versions[i] != t._version()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+TrieShape check_trie_contents(const at::Tensor& child_offsets, const at::Tensor& child_tokens,
+                              const at::Tensor& leaf_ids, int64_t num_tokens) {
+  const std::array<const at::Tensor*, 3> arrays{&child_offsets, &child_tokens, &leaf_ids};
+  const bool cacheable = !child_offsets.is_inference() && !child_tokens.is_inference() && !leaf_ids.is_inference();
+  std::optional<CheckedContents> contents;
+  if (cacheable) {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    for (const CacheEntry& entry : cache) {
+      if (same_arrays(entry, arrays)) {
+        contents = entry.contents;
+        break;
+      }
+    }
+  }
+  if (!contents) {
+    contents = read_trie_contents(child_offsets, child_tokens, leaf_ids);
+    if (cacheable) {
+      const auto weak = [](const at::Tensor& t) { return c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()); };
+      CacheEntry entry{{weak(child_offsets), weak(child_tokens), weak(leaf_ids)},
+                       {child_offsets.data_ptr(), child_tokens.data_ptr(), leaf_ids.data_ptr()},
+                       {child_offsets._version(), child_tokens._version(), leaf_ids._version()},
+                       *contents};
+      std::lock_guard<std::mutex> lock(cache_mutex);
+      cache.push_front(std::move(entry));
+      if (cache.size() > kCachedTries) cache.pop_back();
+    }
+  }
+  TORCH_CHECK_VALUE(contents->lowest_token >= 0 && contents->highest_token < num_tokens,
+                    "child_tokens: expected tokens in [0, V) = [0, ", num_tokens, ") of scores, found ",
+                    contents->lowest_token < 0 ? contents->lowest_token : contents->highest_token);
+  return contents->shape;
 }
 
 }  // namespace gif

@@ -18,9 +18,10 @@ struct TrieShape {
   int64_t widest_level;  // most nodes of one level; with max_degree it sizes the candidate buffers
 };
 
-// Reads the arrays of CPU tensors (O(M)): offsets start at 0, never decrease and end at the edge
-// count; tokens lie in [0, num_tokens); the levels implied by the offsets end in a level of leaves
-// whose size is leaf_ids' length. Then no walk of the trie can leave its arrays.
+// Reads the arrays of CPU tensors (O(M), remembered for unchanged tensors): offsets start at 0, never
+// decrease and end at the edge count; tokens lie in [0, num_tokens); the levels implied by the offsets
+// end in a level of leaves whose size N is leaf_ids' length; leaf_ids is a permutation of [0, N). Then
+// no walk of the trie can leave its arrays, and every id found is an identity's.
 TrieShape check_trie_contents(const at::Tensor& child_offsets, const at::Tensor& child_tokens,
                               const at::Tensor& leaf_ids, int64_t num_tokens);
 

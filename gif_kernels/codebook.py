@@ -22,13 +22,36 @@ FILE_FORMAT = "gif-kernels CodeBook"
 FORMAT_VERSION = 1
 
 
+_ARRAYS = (("child_offsets", torch.int64), ("child_tokens", torch.int32), ("level_starts", torch.int64),
+           ("leaf_ids", torch.int64))
+
+
 @dataclass(frozen=True)
 class CodeTrie:
+    """The trie's arrays, checked when it is made (a hand-made or loaded trie with a bad offset, an
+    unsorted or out-of-range token or a leaf id that is no identity's raises ValueError), so that
+    searches can trust them. An in-place change of an array through PyTorch is seen by its version
+    counter, and the next search checks the trie again (check_unchanged)."""
     child_offsets: torch.Tensor  # int64 (M + 1,)
     child_tokens: torch.Tensor   # int32 (M - 1,)
     level_starts: torch.Tensor   # int64 (L + 2,)
     leaf_ids: torch.Tensor       # int64 (number of leaves,)
     vocab: int
+
+    def __post_init__(self):
+        self._check()
+
+    def _versions(self):
+        return tuple(getattr(self, name)._version for name, _ in _ARRAYS)
+
+    def _check(self):
+        _check_trie(self)
+        object.__setattr__(self, "_checked_versions", self._versions())
+
+    def check_unchanged(self) -> None:
+        """Check the arrays again if any was changed in place since they were checked."""
+        if self._versions() != self._checked_versions:
+            self._check()
 
     @property
     def length(self) -> int:
@@ -48,8 +71,13 @@ class CodeTrie:
                    (self.child_offsets, self.child_tokens, self.level_starts, self.leaf_ids))
 
     def to(self, device) -> "CodeTrie":
-        return CodeTrie(self.child_offsets.to(device), self.child_tokens.to(device),
-                        self.level_starts.to(device), self.leaf_ids.to(device), self.vocab)
+        self.check_unchanged()
+        moved = object.__new__(CodeTrie)  # copies of checked arrays: no second check (and no device sync)
+        for name, _ in _ARRAYS:
+            object.__setattr__(moved, name, getattr(self, name).to(device))
+        object.__setattr__(moved, "vocab", self.vocab)
+        object.__setattr__(moved, "_checked_versions", moved._versions())
+        return moved
 
     def codes(self) -> torch.Tensor:
         """The code of each identity (N, L) int64, row i for identity i: each leaf's tokens, read by
@@ -86,6 +114,47 @@ class CodeTrie:
             node = torch.where(found, edge + 1, 0)
         leaf = (node - self.level_starts[self.length]).clamp(min=0)
         return torch.where(found, self.leaf_ids[leaf], -1)
+
+
+def _check_trie(trie: CodeTrie) -> None:
+    """The trie format of docs/DESIGN.md, read on the CPU (O(M) numpy)."""
+    if isinstance(trie.vocab, bool) or not isinstance(trie.vocab, (int, np.integer)) or trie.vocab < 1:
+        raise ValueError(f"vocab: expected an integer >= 1, got {trie.vocab!r}")
+    arrays = {}
+    for name, dtype in _ARRAYS:
+        array = getattr(trie, name)
+        if not isinstance(array, torch.Tensor) or array.dim() != 1 or array.dtype != dtype:
+            got = f"{array.dtype} {tuple(array.shape)}" if isinstance(array, torch.Tensor) else type(array)
+            raise ValueError(f"{name}: expected a 1-D {dtype} tensor, got {got}")
+        if array.device != trie.child_offsets.device:
+            raise ValueError(f"{name}: expected device {trie.child_offsets.device}, got {array.device}")
+        arrays[name] = array.cpu().numpy()
+    offsets, tokens, starts, leaves = (arrays[name] for name, _ in _ARRAYS)
+    num_nodes = offsets.size - 1
+    if num_nodes < 2 or tokens.size != num_nodes - 1:
+        raise ValueError(f"child_tokens: expected M - 1 tokens for the M = {num_nodes} nodes of child_offsets "
+                         f"(M >= 2), got {tokens.size}")
+    if starts.size < 3 or starts[0] != 0 or starts[1] != 1 or starts[-1] != num_nodes or np.any(np.diff(starts) < 1):
+        raise ValueError(f"level_starts: expected 0, 1, increasing first nodes of each level, then M = {num_nodes}; "
+                         f"got {starts.tolist()[:8]}")
+    degrees = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != tokens.size or np.any(degrees < 0):
+        raise ValueError(f"child_offsets: expected offsets from 0 to {tokens.size} that never decrease")
+    length = starts.size - 2
+    # Level d's children are level d + 1 (edge e leads to node e + 1), and only leaves have no children.
+    if np.any(offsets[starts[1:length + 1]] + 1 != starts[2:]) or np.any(degrees[:starts[length]] == 0) \
+            or np.any(degrees[starts[length]:] != 0):
+        raise ValueError("child_offsets: expected the children of each level to be the next level, every node "
+                         f"above depth L = {length} to have children and the leaves none")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= trie.vocab):
+        raise ValueError(f"child_tokens: expected tokens in [0, vocab) = [0, {trie.vocab})")
+    siblings = np.repeat(np.arange(num_nodes), degrees)
+    if np.any((siblings[1:] == siblings[:-1]) & (tokens[1:] <= tokens[:-1])):
+        raise ValueError("child_tokens: expected each node's children in strictly ascending token order")
+    num_leaves = num_nodes - starts[length]
+    if leaves.size != num_leaves or not np.array_equal(np.sort(leaves), np.arange(num_leaves)):
+        raise ValueError(f"leaf_ids: expected a permutation of [0, N) = [0, {num_leaves}) (one identity per "
+                         f"leaf), got {leaves.size} ids")
 
 
 def _lexicographic_order(codes: np.ndarray, vocab: int) -> np.ndarray:

@@ -106,7 +106,8 @@ def code_beam_search(scores, trie, beam=32, topk=5, backend="auto", exact=False)
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
     if beam < topk:
         raise ValueError(f"beam: expected >= topk = {topk}, got {beam}")
-    backend = ops.resolve_beam_search_backend(backend, scores.device)
+    trie.check_unchanged()
+    backend = ops.resolve_beam_search_backend(backend, scores.device, beam)
     if backend == "reference":
         ids, total = exhaustive_code_topk(scores, trie, topk)
         return ids, total.float(), torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)

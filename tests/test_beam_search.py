@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import gif_kernels
 from gif_kernels import CodeBook, code_beam_search, exhaustive_code_topk
+from gif_kernels.codebook import CodeTrie
 
 
 def random_codes(num_ids, length, vocab, seed, clusters=0):
@@ -196,6 +197,9 @@ def bad_trie_arrays():
         "offsets int32": (offsets.int(), tokens, leaves, "child_offsets: expected int64"),
         "tokens int64": (offsets, tokens.long(), leaves, "child_tokens: expected int32"),
         "leaf count": (offsets, tokens, leaves[:-1], "leaf_ids: expected one id per leaf"),
+        "leaf id past N": (offsets, tokens, torch.where(leaves == 0, leaves.numel(), leaves),
+                           r"leaf_ids: expected each id of \[0, N\)"),
+        "leaf id twice": (offsets, tokens, torch.where(leaves == 0, 1, leaves), r"leaf_ids: expected each id"),
     }
 
 
@@ -248,3 +252,64 @@ def test_api_rejects_bad_arguments():
             code_beam_search(**kwargs)
     with pytest.raises(ValueError, match=r"codes: expected tokens in \[0, V\) = \[0, 5\)"):
         exhaustive_code_topk(scores[..., :5], codes, 2)
+
+
+def test_op_checks_a_trie_again_after_an_in_place_change():
+    scores, offsets, tokens, leaves = op_args()
+    torch.ops.gif.code_beam_search(scores, offsets, tokens, leaves, 4, 2)  # checked, and remembered
+    leaves[0] = leaves.numel()
+    with pytest.raises(ValueError, match="leaf_ids: expected each id"):
+        torch.ops.gif.code_beam_search(scores, offsets, tokens, leaves, 4, 2)
+
+
+def crafted_tries():
+    """CodeTrie arguments with one thing wrong each, and the error it must raise."""
+    trie = CodeBook(random_codes(40, 3, 5, seed=4), 5).trie()
+    fields = dict(child_offsets=trie.child_offsets, child_tokens=trie.child_tokens,
+                  level_starts=trie.level_starts, leaf_ids=trie.leaf_ids, vocab=trie.vocab)
+    offsets, tokens, starts, leaves = (fields[k].clone() for k in list(fields)[:4])
+    first_sibling = int(torch.nonzero(offsets[1:] - offsets[:-1] >= 2)[0])
+    swapped = tokens.clone()
+    e = int(offsets[first_sibling])
+    swapped[e], swapped[e + 1] = tokens[e + 1], tokens[e]
+    decreasing = offsets.clone()
+    decreasing[2] = offsets[1] - 1
+    return {
+        "decreasing offset": (dict(child_offsets=decreasing), "child_offsets: expected offsets from 0"),
+        "unsorted tokens": (dict(child_tokens=swapped), "child_tokens: expected each node's children in strictly"),
+        "token >= vocab": (dict(vocab=int(tokens.max())), r"child_tokens: expected tokens in \[0, vocab\)"),
+        "leaf id past N": (dict(leaf_ids=torch.where(leaves == 0, leaves.numel(), leaves)),
+                           r"leaf_ids: expected a permutation"),
+        "level_starts": (dict(level_starts=starts[:-1]), "level_starts: expected"),
+        "int32 offsets": (dict(child_offsets=offsets.int()), "child_offsets: expected a 1-D torch.int64"),
+        "vocab": (dict(vocab=0), "vocab: expected an integer >= 1"),
+    }, fields
+
+
+@pytest.mark.parametrize("case", list(crafted_tries()[0]))
+def test_code_trie_rejects_crafted_arrays(case):
+    cases, fields = crafted_tries()
+    overrides, message = cases[case]
+    with pytest.raises(ValueError, match=message):
+        CodeTrie(**(fields | overrides))
+
+
+def test_search_checks_a_trie_changed_in_place():
+    codes = random_codes(40, 3, 5, seed=4)
+    trie = CodeBook(codes, 5).trie()
+    scores = peaked_scores(2, 3, 5, seed=4)
+    trie.leaf_ids[0] = 99
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match="leaf_ids: expected a permutation"):
+            code_beam_search(scores, trie, beam=4, topk=2, backend=backend)
+
+
+def test_auto_backend_takes_the_kernel_whose_beam_fits(monkeypatch):
+    from gif_kernels.ops import beam_search
+    monkeypatch.setattr(beam_search, "has_beam_search_kernel", lambda backend, device: True)
+    monkeypatch.setattr(beam_search, "require_triton", lambda device: None)
+    cuda = torch.device("cuda")
+    assert beam_search.resolve_beam_search_backend("auto", cuda, beam_search.MAX_BEAM["cuda"]) == "cuda"
+    assert beam_search.resolve_beam_search_backend("auto", cuda, beam_search.MAX_BEAM["cuda"] + 1) == "triton"
+    monkeypatch.setattr(beam_search, "has_beam_search_kernel", lambda backend, device: backend == "cuda")
+    assert beam_search.resolve_beam_search_backend("auto", cuda, 300) == "cuda"  # which then names its limit

@@ -18,16 +18,19 @@ def has_beam_search_kernel(backend: str, device: torch.device) -> bool:
         f"gif::{name}", "CPU" if device.type == "cpu" else "CUDA")
 
 
-def resolve_beam_search_backend(backend: str, device: torch.device) -> str:
+def resolve_beam_search_backend(backend: str, device: torch.device, beam: int) -> str:
+    """The backend that runs; "auto" on CUDA tensors: the CUDA kernel, else Triton, the first whose widest
+    beam (MAX_BEAM) takes `beam`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cpu":
             return "cpu"
-        backend = next((b for b in ("cuda", "triton") if has_beam_search_kernel(b, device)), None)
-        if backend is None:
+        available = [b for b in ("cuda", "triton") if has_beam_search_kernel(b, device)]
+        if not available:
             raise RuntimeError(f"scores: code_beam_search has no kernel for tensors on {device} in this "
                                f"build (see gif_kernels.build_info()); use CPU tensors or backend='reference'")
+        backend = next((b for b in available if beam <= MAX_BEAM[b]), available[-1])
     if backend == "reference":
         return backend
     if backend in ("cpu", "cuda") and device.type != backend:
@@ -71,6 +74,9 @@ def _triton_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam, top
     _check_beam_search_args(scores, child_offsets, child_tokens, leaf_ids, beam, topk)
     if beam > MAX_BEAM["triton"]:
         raise ValueError(f"beam: the Triton kernel takes beam <= {MAX_BEAM['triton']}, got {beam}")
+    if child_offsets.numel() - 1 >= 2**32:
+        raise ValueError(f"child_offsets: the Triton kernel ranks nodes by 32-bit keys, got "
+                         f"{child_offsets.numel() - 1} nodes")
     from ..triton.beam_search import code_beam_search  # imported on first use: triton is slow to import
     return code_beam_search(scores, child_offsets, child_tokens, leaf_ids, beam, topk)
 
