@@ -6,7 +6,8 @@ import torch
 
 from tests.helpers import emulated_cuda
 from tests.helpers.beam_search_cases import random_codebook
-from tests.helpers.code_ce_cases import CUDA_BOUNDARIES, MARGINS, check_against_reference, make_inputs
+from tests.helpers.code_ce_cases import (CUDA_BOUNDARIES, MARGINS, check_against_reference, check_tiny_norms,
+                                        make_inputs, tiny_norm_inputs)
 from gif_kernels import reference
 
 
@@ -82,6 +83,12 @@ def test_code_ce_reductions_and_raw_dots(ops, V):
     check_against_reference(emulated_code_ce(ops), inputs, reduction="mean", **MARGINS["both"])
     inputs["x"], inputs["weight"] = inputs["x"] * 0.25, inputs["weight"] * 0.25
     check_against_reference(emulated_code_ce(ops), inputs, reduction="sum", normalize=False, scale=2.0, m3=0.3)
+
+
+@pytest.mark.parametrize("V", [5, 70], ids=["small_v", "gemm"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+def test_code_ce_rows_below_the_norm_eps(ops, V, shared):
+    check_tiny_norms(emulated_code_ce(ops), tiny_norm_inputs(shared, torch.float32, V=V), **MARGINS["both"])
 
 
 def test_code_ce_gemm_path_over_several_blocks(ops):
@@ -163,3 +170,38 @@ def test_beam_search_kernel_has_no_races(ops, monkeypatch):
     first, second = in_both_orders(monkeypatch, lambda: ops.code_beam_search(scores, *arrays, 64, 5))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# Block 0 writes its static shared memory, block 1 only reads it.
+STATIC_SHARED_KERNEL = r"""
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+__global__ void read_static_shared_kernel(float* floats, int64_t* ints) {
+  __shared__ float value[2];
+  __shared__ int64_t count;
+  if (blockIdx.x == 0) {
+    value[threadIdx.x] = 1.0f + threadIdx.x;
+    if (threadIdx.x == 0) count = 3;
+  }
+  __syncthreads();
+  floats[blockIdx.x * 2 + threadIdx.x] = value[threadIdx.x];
+  ints[blockIdx.x * 2 + threadIdx.x] = count;
+}
+
+std::tuple<at::Tensor, at::Tensor> read_static_shared() {
+  at::Tensor floats = at::empty({2, 2}, at::kFloat), ints = at::empty({2, 2}, at::kLong);
+  read_static_shared_kernel<<<2, 2>>>(floats.data_ptr<float>(), ints.data_ptr<int64_t>());
+  return {floats, ints};
+}
+
+TORCH_LIBRARY_IMPL(gif, CUDA, m) { m.impl("read_static_shared", &read_static_shared); }
+"""
+
+
+def test_static_shared_memory_starts_each_block_poisoned(monkeypatch):
+    """As dynamic shared memory: a block reads 0xFF bytes where it wrote nothing, not the last block's values."""
+    ops = emulated_cuda.load_test_kernel("gif_emulated_static_shared", STATIC_SHARED_KERNEL)
+    for floats, ints in in_both_orders(monkeypatch, ops.read_static_shared):
+        assert floats[0].tolist() == [1.0, 2.0] and ints[0].tolist() == [3, 3]
+        assert floats[1].isnan().all() and ints[1].tolist() == [-1, -1]

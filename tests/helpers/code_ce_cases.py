@@ -135,10 +135,10 @@ def opcheck_family(family, args):
     torch.library.opcheck(backward, (grad, x.detach(), weight.detach(), *args[2:4], lse.detach(), *args[4:]))
 
 
-def tiny_norm_inputs(shared, dtype, device="cpu"):
+def tiny_norm_inputs(shared, dtype, device="cpu", V=5):
     """Inputs with a zero feature row and weight row and rows whose norm lies below NORM_EPS, where the
     normalization is a division by the constant eps and removes no component along the vector."""
-    inputs = make_inputs(4, 2, 5, 6, shared, torch.float64, seed=21, ignore=False)
+    inputs = make_inputs(4, 2, V, 6, shared, torch.float64, seed=21, ignore=False)
     x, weight = inputs["x"], inputs["weight"]
     x[1] = 0
     x[2] *= 0.3 * NORM_EPS / x[2].norm(dim=-1, keepdim=True)

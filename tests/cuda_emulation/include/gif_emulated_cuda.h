@@ -1,18 +1,19 @@
 // Runs the project's CUDA C++ kernels on the CPU, so that tests check them where no GPU is. It is
-// force-included (-include) into the .cu sources, which tests/emulated_cuda.py compiles as C++ after
-// rewriting the three constructs C++ cannot parse: kernel launches, extern __shared__ arrays and the
-// library registration for the CUDA dispatch key.
+// force-included (-include) into the .cu sources, which tests/helpers/emulated_cuda.py compiles as C++
+// after rewriting the constructs C++ cannot parse or this emulator must see: kernel launches, __shared__
+// declarations (extern and static) and the library registration for the CUDA dispatch key.
 //
 // A block runs as one fiber (ucontext) per CUDA thread, blocks one after another on the calling
 // thread. A fiber runs until it reaches __syncthreads() or a warp shuffle; the scheduler releases a
 // barrier once every live thread of the block (or every lane of the warp) waits at it, and raises when
 // none can be released: a __syncthreads() some threads never reach, a shuffle in divergent code or
 // after lanes of the warp returned. Launches are checked against an H100's limits (grid and block
-// sizes, dynamic shared memory above 48 KB only after cudaFuncSetAttribute). Dynamic shared memory
-// starts each block filled with 0xFF bytes (NaN floats, -1 integers), so reads of shared memory no
-// thread wrote show in the results. Threads run in ascending order between barriers, or in descending
-// order with GIF_EMULATED_CUDA_ORDER=descending set: a kernel without atomics whose results differ between
-// the two orders reads or writes memory another thread writes without a barrier in between (a race).
+// sizes, dynamic shared memory above 48 KB only after cudaFuncSetAttribute). Shared memory, dynamic and
+// static, starts each block filled with 0xFF bytes (NaN floats, -1 integers), so reads of shared memory
+// no thread of the block wrote show in the results. Threads run in ascending order between barriers, or
+// in descending order with GIF_EMULATED_CUDA_ORDER=descending set: a kernel without atomics whose results
+// differ between the two orders reads or writes memory another thread writes without a barrier in between
+// (a race).
 //
 // Not modelled: timing, registers, alignment faults, interleavings other than the two orders, and device
 // math (exp, log and sqrt are the host's, within an ulp or two of the GPU's).
@@ -40,7 +41,6 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
 #define __align__(n) alignas(n)
 
 struct dim3 {
@@ -84,6 +84,7 @@ struct Block {
   std::vector<uint64_t> shuffle_slots;  // one per thread: the value it offers to its warp
   std::unique_ptr<unsigned char[]> dynamic_shared;
   int64_t dynamic_shared_bytes = 0;
+  std::vector<const void*> poisoned_statics;  // the static __shared__ objects poisoned for this block
   ucontext_t scheduler;
   std::function<void()> body;
 };
@@ -148,6 +149,7 @@ inline void run_block(Block& b) {
   const int n = int(b.fibers.size());
   const bool descending = descending_order();
   if (b.dynamic_shared_bytes > 0) std::memset(b.dynamic_shared.get(), 0xFF, size_t(b.dynamic_shared_bytes));
+  b.poisoned_statics.clear();
   for (Fiber& f : b.fibers) {
     f.wait = Wait::kNone;
     f.done = false;
@@ -243,6 +245,23 @@ inline dim3 thread_index() { return unravel(block().current, block().block_dim);
 template <typename T>
 T* dynamic_shared() {
   return reinterpret_cast<T*>(block().dynamic_shared.get());
+}
+
+// `__shared__ T a[n], b;` becomes `static T a[n], b; poison_static_shared(a, b);`: function-local
+// statics, one copy that every block of every launch reuses (blocks run one after another, so no two
+// use it at once). The first thread of a block to reach the declaration fills them with 0xFF bytes, as
+// run_block does dynamic shared memory, so that a block reading what it did not write sees the poison,
+// not what the previous block left there. __shared__ itself is not defined: a declaration the helper
+// does not rewrite (one in a header) fails to compile instead of going unpoisoned.
+template <typename... T>
+void poison_static_shared(T&... objects) {
+  std::vector<const void*>& done = block().poisoned_statics;
+  const auto poison = [&done](void* object, size_t bytes) {
+    if (std::find(done.begin(), done.end(), object) != done.end()) return;
+    std::memset(object, 0xFF, bytes);
+    done.push_back(object);
+  };
+  (poison(&objects, sizeof(objects)), ...);
 }
 
 }  // namespace gif_emulated_cuda
