@@ -10,7 +10,7 @@ void check_code_ce_inputs(const at::Tensor& x, const at::Tensor& weight, const a
                           double m3, bool normalize) {
   TORCH_CHECK_VALUE(weight.dim() == 3, "weight: expected shape (L, V, D), got ", weight.sizes());
   const int64_t L = weight.size(0), V = weight.size(1), D = weight.size(2);
-  TORCH_CHECK_VALUE(V >= 1 && D >= 1, "weight: expected V >= 1 and D >= 1, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(L >= 1 && V >= 1 && D >= 1, "weight: expected L, V, D >= 1, got shape ", weight.sizes());
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "x: expected shape (B, D) or (B, L, D), got ",
                     x.sizes());
   const int64_t B = x.size(0);

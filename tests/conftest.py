@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -21,3 +23,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if "triton" in item.keywords and not triton_available():
             item.add_marker(skip_triton)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The number of cases each fuzz test tried (tests/test_fuzz.py)."""
+    fuzz = sys.modules.get("tests.test_fuzz")
+    for name, count in sorted(fuzz.CASES.items()) if fuzz else ():
+        terminalreporter.write_line(f"fuzz: {name}: {count} cases")

@@ -24,6 +24,8 @@ def _check_code_ce_args(x, weight, codes, position_weight, scale, m2, m3, normal
     if weight.dim() != 3:
         raise ValueError(f"weight: expected shape (L, V, D), got {tuple(weight.shape)}")
     L, V, D = weight.shape
+    if min(L, V, D) < 1:
+        raise ValueError(f"weight: expected L, V, D >= 1, got shape {tuple(weight.shape)}")
     if x.dim() not in (2, 3):
         raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
     if x.shape[-1] != D:
@@ -119,8 +121,10 @@ def fused_code_ce(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3
                       and torch.is_grad_enabled() and backend != "reference")
     args = (x, weight, codes, None if learned_weight else position_weight, float(scale), float(m2),
             float(m3), bool(normalize), int(ignore_index))
-    if backend == "reference":
-        rows = reference.code_ce_rows(*args)
+    if backend == "reference":  # in the kernels' accumulation dtype, which is also the loss's
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        rows = reference.code_ce_rows(*(t if t is None or t is codes else t.to(acc_dtype) for t in args[:4]),
+                                      *args[4:])
     elif backend == "triton":
         rows, _ = torch.ops.gif.triton_code_ce_forward(*args, bool(deterministic))
     else:
