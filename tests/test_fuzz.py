@@ -3,6 +3,7 @@ CodeTrie and CodeBook files on random and crafted inputs. Every case either matc
 (or an exhaustive search) or raises a named ValueError / TypeError; none crashes, hangs or answers wrongly.
 The number of cases each test tried is printed in pytest's summary (tests/conftest.py)."""
 import collections
+import functools
 import math
 
 import numpy as np
@@ -14,8 +15,10 @@ from hypothesis import strategies as st
 import gif_kernels
 from gif_kernels import CodeBook, code_beam_search, exhaustive_code_topk, reference
 from gif_kernels.codebook import CodeTrie
+from tests.helpers import emulated_cuda
 from tests.helpers.code_ce_cases import check_against_reference
 from tests.test_beam_search import check_search, peaked_scores, random_codes
+from tests.test_emulated_cuda import emulated_code_ce
 
 CASES = collections.Counter()  # cases tried per test and outcome, for the summary
 
@@ -75,16 +78,18 @@ def check_code_ce_case(backend, case, deterministic=None):
     inputs, kwargs, bad = case
     kwargs = dict(kwargs)
     reduction = kwargs.pop("reduction")
-    name = f"fused_code_ce {backend}"
+    name = f"fused_code_ce {'CUDA emulation' if callable(backend) else backend}"
     CASES[f"{name}: {'rejected' if bad else 'empty batch' if inputs['x'].shape[0] == 0 else 'matched'}"] += 1
+    loss_of = backend if callable(backend) else functools.partial(
+        gif_kernels.fused_code_ce, backend=backend, deterministic=deterministic)
     if bad:
         with pytest.raises((ValueError, TypeError), match="|".join(f"{name}:" for name in bad)):
             x, weight = inputs["x"].requires_grad_(), inputs["weight"].requires_grad_()
-            gif_kernels.fused_code_ce(x, weight, inputs["codes"], inputs["position_weight"], reduction=reduction,
-                                      backend=backend, deterministic=deterministic, **kwargs).sum().backward()
+            loss_of(x, weight, inputs["codes"], inputs["position_weight"], reduction=reduction,
+                    **kwargs).sum().backward()
     elif inputs["x"].shape[0] == 0:
-        loss = gif_kernels.fused_code_ce(inputs["x"], inputs["weight"], inputs["codes"], reduction=reduction,
-                                         backend=backend, deterministic=deterministic, **kwargs)
+        loss = loss_of(inputs["x"], inputs["weight"], inputs["codes"], inputs["position_weight"],
+                       reduction=reduction, **kwargs)
         assert loss.numel() == 0 or (loss.item() == 0 if reduction == "sum" else math.isnan(loss.item()))
     else:
         check_against_reference(backend, inputs, reduction=reduction, deterministic=deterministic, **kwargs)
@@ -103,6 +108,42 @@ def test_fused_code_ce(backend, case):
 @given(case=code_ce_cases(max_batch=3), deterministic=st.booleans())
 def test_fused_code_ce_triton(case, deterministic):
     check_code_ce_case("triton", case, deterministic)
+
+
+@pytest.fixture(scope="module")
+def emulated_ops():
+    return emulated_cuda.load()
+
+
+@budget(60)
+@given(case=code_ce_cases(max_batch=4))
+def test_fused_code_ce_cuda_emulation(emulated_ops, case):
+    # The CUDA kernels give rows with a code outside [0, V) a NaN loss (a check would be a host sync).
+    assume("codes" not in case[2])
+    check_code_ce_case(emulated_code_ce(emulated_ops), case)
+
+
+@budget(60)
+@given(seed=st.integers(0, 2**16), array=st.sampled_from(["child_offsets", "child_tokens", "leaf_ids"]),
+       value=st.integers(-3, 70), beam=st.sampled_from([2, 4, 64]))
+def test_beam_search_cuda_emulation_on_crafted_tries(emulated_ops, seed, array, value, beam):
+    """Where the C++ CPU kernel accepts a crafted trie, the CUDA kernel gives its bits; where it refuses one,
+    the CUDA kernel (which does not read the arrays' contents on the host) still runs with masked reads."""
+    trie = CodeBook(random_codes(40, 3, 5, seed), 5).trie()
+    arrays = [getattr(trie, name).clone() for name in ("child_offsets", "child_tokens", "leaf_ids")]
+    target = arrays[["child_offsets", "child_tokens", "leaf_ids"].index(array)]
+    target[seed % target.numel()] = value
+    scores = peaked_scores(4, 3, 5, seed, torch.float32)
+    try:
+        expected = torch.ops.gif.code_beam_search(scores, *arrays, beam, 2)
+    except ValueError:
+        CASES["code_beam_search CUDA emulation crafted: refused by the CPU check, ran"] += 1
+        ids, _, _ = emulated_ops.code_beam_search(scores, *arrays, beam, 2)
+        assert ids.shape == (4, 2)
+        return
+    CASES["code_beam_search CUDA emulation crafted: matched"] += 1
+    for want, got in zip(expected, emulated_ops.code_beam_search(scores, *arrays, beam, 2)):
+        assert torch.equal(want, got)
 
 
 @budget(150)
