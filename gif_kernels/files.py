@@ -1,4 +1,4 @@
-"""Writing a file so that no reader, and no crash or kill mid-write, ever leaves half of it."""
+"""Writing a file so that no reader, and no kill or machine crash mid-write, ever leaves half of it."""
 import contextlib
 import os
 
@@ -7,13 +7,29 @@ import os
 def atomic_write(path):
     """Yields a temporary path beside `path` to write the whole file to; on leaving the block the
     file is renamed onto `path` in one step (the previous file, if any, stays until then), or, if
-    the block raised, removed."""
+    the block raised, removed. A stale temporary of a killed write is overwritten."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
     try:
         yield tmp
+        # The contents reach the disk before the rename does: else a machine crash can keep the
+        # rename and lose the data, leaving an empty or partial file under the name.
+        with open(tmp, "r+b") as f:  # writable, as Windows flushes only handles opened for writing
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_directory(directory):
+    """Makes the rename survive a machine crash: it lives in the directory's entries."""
+    if os.name == "nt":  # Windows cannot open a directory to sync it: there the file system alone decides
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
