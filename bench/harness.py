@@ -6,6 +6,7 @@ import gc
 import math
 import os
 import re
+import statistics
 import time
 from decimal import Decimal, DecimalException
 
@@ -44,6 +45,13 @@ def times_ms(fn, device, repeats, max_seconds=math.inf):
     return times
 
 
+def median_ms(fn, device, repeats):
+    """Median time of fn() in ms after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    return statistics.median(times_ms(fn, device, repeats))
+
+
 # ----------------------------------------------------------------------------- command lines
 
 def parse_count(text):
@@ -79,6 +87,17 @@ def parse_rate(text):
     if not 0.0 < rate <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a sample rate in (0, 1], got {text!r}")
     return rate
+
+
+def parse_shape(text):
+    """A head shape BxLxVxD of positive integers."""
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected BxLxVxD of whole numbers >= 1 like 512x6x16x512, got {text!r}")
+    return shape
 
 
 def positive_int(text):

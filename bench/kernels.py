@@ -9,37 +9,20 @@ linear_cross_entropy applied per position (scale * unit features against unit ro
     python bench/kernels.py                 # the default shapes on the machine at hand
     python bench/kernels.py --json out.json --shapes 512x6x16x512
 """
-import argparse
 import json
 import platform
-import statistics
 
 import torch
 
 import gif_kernels
 from gif_kernels import reference
 from gif_kernels.cli import ArgumentParser
-from harness import times_ms
+from harness import median_ms, parse_shape
 
 DEFAULT_SHAPES = {"cpu": ["512x6x16x512", "512x3x256x512", "256x2x4096x512"],
                   "cuda": ["512x6x16x512", "512x4x64x512", "512x3x256x512", "4096x2x4096x512",
                            "8192x2x32768x512"]}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_shape(text):
-    try:
-        B, L, V, D = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shapes: expected BxLxVxD like 512x6x16x512, got {text!r}")
-    return B, L, V, D
-
-
-def median_ms(fn, device, repeats):
-    """Median time of fn() in ms after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    return statistics.median(times_ms(fn, device, repeats))
 
 
 def training_step(loss_fn, x, weight, codes, margin):

@@ -15,7 +15,6 @@ import functools
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import time
 
 import torch
@@ -23,7 +22,7 @@ import torch
 import gif_kernels
 from gif_kernels import reference
 from gif_kernels.cli import ArgumentParser, one_line_errors
-from harness import elapsed_ms, positive_int
+from harness import median_ms, parse_shape, positive_int
 
 SCALE, MARGIN = 64.0, 0.4
 SETTLE_SECONDS = 1.0  # for a load to reach its steady state before the timing starts
@@ -54,13 +53,6 @@ def loader_load(stop):
 LOADS = {"train": (train_load, 1), "python": (python_load, 1), "loader": (loader_load, os.cpu_count() or 1)}
 
 
-def parse_shape(text):
-    parts = text.lower().split("x")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"--shape: expected BxLxVxD of positive integers, got {text!r}")
-    return tuple(int(p) for p in parts)
-
-
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=parse_shape, default=(512, 3, 256, 512), help="B x L x V x D")
@@ -85,12 +77,6 @@ def steps(shape):
     return {name: functools.partial(step, loss) for name, loss in losses.items()}
 
 
-def median_ms(step, count):
-    for _ in range(3):
-        step()
-    return statistics.median(elapsed_ms(step, "cpu") for _ in range(count))
-
-
 def measure(step_fns, threads, load, count):
     """{step name: median ms} with `threads` OpenMP threads beside `load` (None: a quiet machine)."""
     torch.set_num_threads(threads)
@@ -102,7 +88,7 @@ def measure(step_fns, threads, load, count):
             worker.start()
         time.sleep(SETTLE_SECONDS + 2.0 * (load == "train"))  # spawn, and torch's import
     try:
-        return {name: median_ms(step, count) for name, step in step_fns.items()}
+        return {name: median_ms(step, "cpu", count) for name, step in step_fns.items()}
     finally:
         stop.set()
         for worker in workers:

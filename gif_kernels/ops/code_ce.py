@@ -123,8 +123,8 @@ def fused_code_ce(x, weight, codes, position_weight=None, scale=64.0, m2=0.0, m3
             float(m3), bool(normalize), int(ignore_index))
     if backend == "reference":  # in the kernels' accumulation dtype, which is also the loss's
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        rows = reference.code_ce_rows(*(t if t is None or t is codes else t.to(acc_dtype) for t in args[:4]),
-                                      *args[4:])
+        x_acc, weight_acc, pw_acc = (None if t is None else t.to(acc_dtype) for t in (x, weight, args[3]))
+        rows = reference.code_ce_rows(x_acc, weight_acc, codes, pw_acc, *args[4:])
     elif backend == "triton":
         rows, _ = torch.ops.gif.triton_code_ce_forward(*args, bool(deterministic))
     else:

@@ -1,5 +1,4 @@
 """Inputs and the float64 comparison shared by the fused_code_ce tests of every backend."""
-import functools
 import itertools
 import math
 
@@ -60,10 +59,17 @@ def assert_close(actual, expected, dtype, what, floor=1.0):
     assert err <= TOLERANCE[dtype] * size, f"{what}: max error {err:.3g} vs max magnitude {size:.3g}"
 
 
-def check_against_reference(backend, inputs, reduction="none", deterministic=None, **kwargs):
+def check_against_reference(backend, inputs, reduction="none", deterministic=None, rowwise=False, **kwargs):
     """Loss, grad_x and grad_weight (and grad_position_weight for a backend name) of `backend` against
-    autograd of reference.py in float64. backend: a backend name of gif_kernels.fused_code_ce, or a function with its arguments (x, weight, codes,
-    position_weight, reduction=..., **kwargs)."""
+    autograd of reference.py in float64. backend: a backend name of gif_kernels.fused_code_ce, or a function
+    with its arguments (x, weight, codes, position_weight, reduction=..., **kwargs). rowwise: each row
+    against its own magnitude (rows below the norm eps have gradients ~1/eps times the others')."""
+    def compare(actual, expected, dtype, what, floor=1.0):
+        if not rowwise:
+            return assert_close(actual, expected, dtype, what, floor)
+        for row, (a, b) in enumerate(zip(actual.reshape(-1, actual.shape[-1]),
+                                         expected.reshape(-1, expected.shape[-1]))):
+            assert_close(a, b, dtype, f"{what} row {row}", floor)
     x = inputs["x"].detach().requires_grad_()
     weight = inputs["weight"].detach().requires_grad_()
     # A backend name goes through gif_kernels.fused_code_ce, whose position_weight is learnable too.
@@ -85,18 +91,18 @@ def check_against_reference(backend, inputs, reduction="none", deterministic=Non
     dtype = inputs["x"].dtype
     if pw.requires_grad:  # d loss / d position_weight_j sums CE_bj: as accurate as the loss
         assert grads[2].dtype == pw.dtype
-        assert_close(grads[2], ref_grads[2], dtype, "grad_position_weight")
+        compare(grads[2], ref_grads[2], dtype, "grad_position_weight")
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert grad_x.dtype == dtype and grad_w.dtype == dtype
-    assert_close(loss.detach(), expected.detach(), dtype, "loss")
+    compare(loss.detach(), expected.detach(), dtype, "loss")
     # With D = 1 a normalized vector has no tangent direction: the exact gradients are 0 and what
     # remains is rounding of cancelled terms, each up to scale * |upstream| * L * lambda / |x|.
     floor = 1.0
     if inputs["weight"].shape[-1] == 1 and kwargs.get("normalize", True):
         floor = (kwargs.get("scale", 64.0) * upstream.abs().max().item() * inputs["weight"].shape[0]
                  * pw.max().item() / inputs["x"].abs().clamp_min(NORM_EPS).min().item())
-    assert_close(grad_x, ref_x, dtype, "grad_x", floor)
-    assert_close(grad_w, ref_w, dtype, "grad_weight", floor)
+    compare(grad_x, ref_x, dtype, "grad_x", floor)
+    compare(grad_w, ref_w, dtype, "grad_weight", floor)
 
 
 def arcface_fallback_hit(inputs, m2):
@@ -145,25 +151,6 @@ def tiny_norm_inputs(shared, dtype, device="cpu", V=5):
     weight[0, 1] = 0
     weight[1, 2] *= 0.4 * NORM_EPS / weight[1, 2].norm()
     return {**inputs, "x": x.to(device, dtype), "weight": weight.to(device, dtype)}
-
-
-def _loss_and_grads(loss_of, x, weight, inputs, kwargs):
-    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
-    loss = loss_of(x, weight, inputs["codes"].to(x.device), inputs["position_weight"].to(x.device),
-                   reduction="none", **kwargs)
-    return (loss, *torch.autograd.grad(loss, (x, weight), inputs["grad_rows"].to(loss.device, loss.dtype)))
-
-
-def check_tiny_norms(backend, inputs, deterministic=None, **kwargs):
-    """check_against_reference row by row: the gradients of rows below eps are ~1/eps times the others'."""
-    loss_of = backend if callable(backend) else functools.partial(gif_kernels.fused_code_ce, backend=backend,
-                                                                   deterministic=deterministic)
-    actual = _loss_and_grads(loss_of, inputs["x"], inputs["weight"], inputs, kwargs)
-    expected = _loss_and_grads(reference.fused_code_ce, inputs["x"].double().cpu(),
-                               inputs["weight"].double().cpu(), inputs, kwargs)
-    for what, got, want in zip(("loss", "grad_x", "grad_weight"), actual, expected):
-        for row, (a, b) in enumerate(zip(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]))):
-            assert_close(a, b, inputs["x"].dtype, f"{what} row {row}")
 
 
 def check_empty_batch(backend, reduction, device="cpu", **kwargs):
