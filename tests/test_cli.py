@@ -10,7 +10,7 @@ import pytest
 
 from gif_kernels import CodeBook
 from gif_kernels.tokenize import __main__ as tokenizer
-from gif_kernels.train import evaluate, trainer
+from gif_kernels.train import evaluate, evaluate_ijb, export, trainer
 
 from tests.helpers.bench_scripts import bench_script
 from tests.helpers.trainer_runs import TINY, environment
@@ -88,10 +88,14 @@ def test_train_data_mistakes_leave_no_output_folder(tmp_path, capsys):
         (["--scale", "-64"], "--scale"),
         (["--batch-size", "0"], "--batch-size"),
         (["--lr", "fast"], "--lr"),
+        (["--val-every", "0"], "--val-every"),
+        (["--val-targets", "lfw"], "val_targets:", "give the path of its .bin"),
+        (["--val-targets", str(tmp_path / "lfw.bin")], "val_targets:", "not found"),
+        (["--init-backbone", str(tmp_path / "r50.pth")], "init_backbone:", "not found"),
     ]
-    for change, words in cases:
+    for change, *words in cases:
         out = tmp_path / "run"
-        fails_with_one_line(capsys, trainer.main, [*TINY, *change, "--out", str(out)], words)
+        fails_with_one_line(capsys, trainer.main, [*TINY, *change, "--out", str(out)], *words)
         assert not out.exists(), change
 
 
@@ -137,6 +141,23 @@ def test_evaluate_mistakes(tmp_path, capsys):
     (tmp_path / "checkpoint-3.safetensors").write_bytes(b"damaged")
     fails_with_one_line(capsys, evaluate.main, [str(tmp_path)], "checkpoint:")
     fails_with_one_line(capsys, evaluate.main, [str(tmp_path), "--beam", "0"], "--beam")
+
+
+def test_ijb_and_export_mistakes(tmp_path, capsys):
+    fails_with_one_line(capsys, evaluate_ijb.main, [str(tmp_path / "missing"), "--root", str(tmp_path)],
+                        "checkpoint:", "does not exist")
+    fails_with_one_line(capsys, evaluate_ijb.main, [str(tmp_path), "--root", str(tmp_path), "--batch-size", "0"],
+                        "--batch-size")
+    fails_with_one_line(capsys, evaluate_ijb.main, [str(tmp_path), "--root", str(tmp_path), "--target", "IJBA"],
+                        "--target")
+    fails_with_one_line(capsys, evaluate_ijb.main, [str(tmp_path)], "--root")
+    fails_with_one_line(capsys, export.main, [str(tmp_path)], "--onnx")
+    fails_with_one_line(capsys, export.main, [str(tmp_path), "--onnx", str(tmp_path / "x.onnx")],
+                        "checkpoint: no checkpoint in")
+    trainer.train(trainer.parse_run([*TINY, "--out", str(tmp_path / "run")]))
+    capsys.readouterr()  # the run's progress bar
+    fails_with_one_line(capsys, evaluate_ijb.main, [str(tmp_path / "run"), "--root", str(tmp_path / "IJBC")],
+                        "root:", "ijbc_name_5pts_score.txt not found")
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -2,8 +2,11 @@
 
 Every backbone maps images (B, 3, S, S), values in [-1, 1], to embeddings (B, embedding_dim), not
 normalized. The IResNet modules keep insightface's attribute names (arcface_torch/backbones/iresnet.py),
-so their state dicts line up with insightface checkpoints.
+so their state dicts line up with insightface checkpoints: load_backbone_weights reads its model zoo's
+.pth files.
 """
+import os
+
 import torch
 from torch import nn
 
@@ -115,3 +118,35 @@ def build_backbone(name: str, embedding_dim: int = 512, image_size: int = 112) -
     if image_size % 16:
         raise ValueError(f"image_size must be a multiple of 16 for {name}, got {image_size}")
     return IResNet(IRESNET_LAYERS[name], embedding_dim, image_size)
+
+
+def load_backbone_weights(backbone: nn.Module, path) -> nn.Module:
+    """Load a .pth state dict into backbone, all keys and shapes matching (insightface's IResNet
+    checkpoints fit the IResNets here as they are; a "module." prefix of a DataParallel save is
+    dropped). torch.load(weights_only=True) refuses a file that would run code when loaded."""
+    name = os.fspath(path)
+    try:
+        state = torch.load(name, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"init_backbone: {name} not found") from None
+    except Exception as error:  # a damaged file or one that is no weights-only pickle raises many kinds
+        raise ValueError(f"init_backbone: {name} is not a weights-only state dict: {str(error).splitlines()[0]}") \
+            from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"init_backbone: {name} holds a {type(state).__name__}, expected a state dict of tensors")
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    expected = backbone.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"init_backbone: {name} does not fit the backbone ({type(backbone).__name__}): "
+                         f"{len(missing)} keys missing (first: {missing[:3]}), {len(unexpected)} unexpected "
+                         f"(first: {unexpected[:3]})")
+    wrong = [key for key in expected if expected[key].shape != state[key].shape]
+    if wrong:
+        key = wrong[0]
+        raise ValueError(f"init_backbone: {name} has {key} of shape {tuple(state[key].shape)}, the backbone's is "
+                         f"{tuple(expected[key].shape)} ({len(wrong)} such keys; another --backbone, "
+                         f"--embedding-dim or --image-size?)")
+    backbone.load_state_dict(state)
+    return backbone

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from ..codebook import CodeBook
 from ..files import atomic_write
 from .data import load_splits
+from .backbones import build_backbone
 from .model import FaceModel, build_backbone_for, build_run_head
 
 FILE_PATTERN = re.compile(r"checkpoint-(\d+)\.safetensors")
@@ -111,6 +112,18 @@ def load_latest(directory) -> dict | None:
     return None
 
 
+def load_given(path) -> dict:
+    """load() of a checkpoint file, or load_latest() of a run's output folder, with its "path"; the
+    tools' CHECKPOINT argument."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint: {path} does not exist")
+    saved = load_latest(path) if path.is_dir() else {**load(path), "path": path}
+    if saved is None:
+        raise ValueError(f"checkpoint: no checkpoint in {path}")
+    return saved
+
+
 def stage_head(run: dict, stats: dict) -> tuple[str, str | None]:
     """(head kind, codes file or None) that a checkpoint with these stats trains: the run's --head on
     CODES_FILE; with --retokenize-after, its --first-head until the switch and then the code head on
@@ -133,3 +146,16 @@ def restore_for_evaluation(saved: dict, out: Path, device):
     model = FaceModel(backbone, build_run_head(run, kind, feature_dim, splits.num_ids, codebook))
     model.load_state_dict(saved["model"], strict=False)  # without anchors: L_AR is training-only
     return model.to(device), splits, run, codebook
+
+
+def restore_backbone(saved: dict) -> torch.nn.Module:
+    """The backbone of a saved checkpoint with its weights (on the CPU, in eval mode), without the data
+    or the head."""
+    run = saved["run"]
+    if run["backbone"] == "none":
+        raise ValueError("checkpoint: this run trained a head on features data; it has no backbone")
+    backbone = build_backbone(run["backbone"], run["embedding_dim"], run["image_size"])
+    prefix = "backbone."
+    backbone.load_state_dict({key[len(prefix):]: value for key, value in saved["model"].items()
+                              if key.startswith(prefix)})
+    return backbone.eval()

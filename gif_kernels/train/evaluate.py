@@ -4,8 +4,10 @@
   (beam search over the code trie for the code head, every class for the softmax heads).
 - Verification: genuine / impostor pairs among images of identities never trained on, scored by
   the cosine of backbone embeddings; TAR at FAR 1e-3 and 1e-4 from scikit-learn's ROC.
+- insightface's verification sets (lfw.bin, cfp_fp.bin, ...): 10-fold accuracy of flip-test
+  embeddings, computed as insightface's verification.py does, so that it compares with published numbers.
 
-    python -m gif_kernels.train.evaluate OUT/checkpoint-S.safetensors [--out DIR]
+    python -m gif_kernels.train.evaluate OUT/checkpoint-S.safetensors [--out DIR] [--val-targets lfw,...]
 """
 import json
 import math
@@ -20,6 +22,7 @@ from ..codebook import CodeBook
 from ..constants import NORM_EPS
 from ..files import atomic_write
 from . import checkpoint
+from .data import load_val_sets, parse_val_targets
 from .model import embed
 
 FARS = (1e-3, 1e-4)
@@ -27,6 +30,9 @@ FARS = (1e-3, 1e-4)
 MAX_PAIRS = 4_000_000
 PAIR_CHUNK = 1 << 16  # pairs whose embeddings are gathered at once
 IDENTIFY_BATCH = 1024
+# insightface's verification-set accuracy: 10 folds, thresholds on the squared distance of unit embeddings.
+VAL_FOLDS = 10
+VAL_THRESHOLDS = np.arange(0, 4, 0.01)
 
 
 @torch.no_grad()
@@ -85,6 +91,39 @@ def verification(embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0) 
     return result
 
 
+def ten_fold_accuracy(embeddings: torch.Tensor, is_same: np.ndarray, folds: int = VAL_FOLDS) -> tuple[float, float]:
+    """(mean, standard deviation) over folds of insightface's verification accuracy: embeddings (2P, D)
+    of P pairs (2p, 2p + 1), is_same (P,). The P pairs are cut into `folds` consecutive folds; for
+    each, the threshold on the squared distance of the normalized embeddings (of VAL_THRESHOLDS) that
+    is most accurate on the other folds (the first of equals) is scored on this one."""
+    z = F.normalize(embeddings.double(), dim=1, eps=NORM_EPS)
+    distance = ((z[0::2] - z[1::2]) ** 2).sum(1).numpy()
+    is_same = np.asarray(is_same, dtype=bool)
+    if len(distance) != len(is_same) or len(embeddings) % 2:
+        raise ValueError(f"embeddings: expected 2 per is_same flag ({2 * len(is_same)}), got {len(embeddings)}")
+    if len(is_same) < folds:
+        raise ValueError(f"is_same: {len(is_same)} pairs cannot make {folds} folds")
+    correct = (distance[:, None] < VAL_THRESHOLDS[None, :]) == is_same[:, None]  # (P, thresholds)
+    accuracy = []
+    for test in np.array_split(np.arange(len(is_same)), folds):
+        train = np.ones(len(is_same), dtype=bool)
+        train[test] = False
+        best = np.argmax(correct[train].mean(0))
+        accuracy.append(correct[test, best].mean())
+    return float(np.mean(accuracy)), float(np.std(accuracy))
+
+
+def val_set_metrics(backbone, val_sets, device, workers: int = 0) -> dict:
+    """{NAME_accuracy, NAME_accuracy_std} of each verification set (data.valsets.VerificationPairs):
+    ten_fold_accuracy of flip-test embeddings, as insightface reports them."""
+    metrics = {}
+    for pairs in val_sets:
+        embeddings, _ = embed(backbone, pairs, device, workers=workers, flip=True)
+        metrics[f"{pairs.name}_accuracy"], metrics[f"{pairs.name}_accuracy_std"] = \
+            ten_fold_accuracy(embeddings, pairs.is_same)
+    return metrics
+
+
 def evaluate(model, splits, device, beam: int = 32, workers: int = 0, seed: int = 0) -> dict:
     """Identification and verification metrics of a FaceModel on the held-out splits."""
     was_training = model.training
@@ -126,19 +165,18 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for metrics.json (default: the checkpoint's folder)")
     parser.add_argument("--beam", type=int, help="beam width of identify() (default: the run's --eval-beam)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--val-targets", help="verification sets as the trainer's --val-targets (default: the run's)")
     args = parser.parse_args(argv)
-    path = Path(args.checkpoint)
     if args.beam is not None and args.beam < 1:
         parser.error(f"--beam: expected an integer >= 1, got {args.beam}")
     with one_line_errors():
-        if not path.exists():
-            raise ValueError(f"checkpoint: {path} does not exist")
-        saved = checkpoint.load_latest(path) if path.is_dir() else {**checkpoint.load(path), "path": path}
-        if saved is None:
-            raise ValueError(f"checkpoint: no checkpoint in {path}")
+        saved = checkpoint.load_given(args.checkpoint)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, splits, run, codebook = checkpoint.restore_for_evaluation(saved, Path(saved["path"]).parent, device)
         metrics = evaluate(model, splits, device, args.beam or run["eval_beam"], args.workers, run["seed"])
+        targets = run.get("val_targets", []) if args.val_targets is None else parse_val_targets(args.val_targets)
+        val_sets = load_val_sets(targets, run["data"], run["image_size"])
+        metrics.update(val_set_metrics(model.backbone, val_sets, device, args.workers))
         metrics.update(run_description(run, splits.num_ids, codebook, saved["step"], saved["stats"]))
         print(json.dumps(metrics, indent=2, sort_keys=True))
         print(f"wrote {write_metrics(args.out or Path(saved['path']).parent, metrics)}")

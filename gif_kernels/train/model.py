@@ -48,13 +48,19 @@ def build_run_head(run: dict, kind: str, feature_dim: int, num_ids: int, codeboo
 
 
 @torch.no_grad()
-def embed(backbone: nn.Module, dataset, device, batch_size: int = 256, workers: int = 0):
-    """(features (n, D) float32, labels (n,) int64) of every item of dataset, in order, on the CPU."""
+def embed(backbone: nn.Module, dataset, device, batch_size: int = 256, workers: int = 0, flip: bool = False):
+    """(features (n, D) float32, labels (n,) int64) of every item of dataset, in order, on the CPU.
+    With flip, each image's features are the sum of those of the image and of its mirror image
+    (insightface's flip test; inputs (B, 3, S, S) are mirrored along their width)."""
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
     for inputs, batch_labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-        features.append(backbone(inputs.to(device)).float().cpu())
+        inputs = inputs.to(device)
+        output = backbone(inputs)
+        if flip:
+            output = output + backbone(inputs.flip(-1))
+        features.append(output.float().cpu())
         labels.append(torch.as_tensor(batch_labels, dtype=torch.int64))
     backbone.train(was_training)
     if not features:

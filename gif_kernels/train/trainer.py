@@ -8,6 +8,8 @@ One process, or many through torchrun (DDP: gloo on CPU, nccl on GPU; every proc
 whole code head, which is small). --batch-size is the global batch, split across processes.
 Checkpoints are written atomically every --checkpoint-every steps; --resume continues from the
 newest. At the end the model is evaluated (gif_kernels.train.evaluate) into OUT/metrics.json.
+With --val-targets, insightface's verification sets (lfw.bin, ...) are scored every --val-every steps
+(log.csv, TensorBoard) and at the end (metrics.json).
 """
 import argparse
 import csv
@@ -31,9 +33,9 @@ from ..head import DEFAULT_MARGINS, CodeHead
 from ..ops import BACKENDS, check_scale
 from ..tokenize import DEFAULT_METHOD, METHODS, VECTOR_METHODS
 from . import checkpoint
-from .backbones import BACKBONES
-from .data import SYNTHETIC_IMAGES_PER_ID, load_splits
-from .evaluate import evaluate, run_description, write_metrics
+from .backbones import BACKBONES, load_backbone_weights
+from .data import SYNTHETIC_IMAGES_PER_ID, load_splits, load_val_sets, parse_val_targets
+from .evaluate import evaluate, run_description, val_set_metrics, write_metrics
 from .heads import HEADS
 from .model import (FaceModel, build_backbone_for, build_codebook, build_run_head, feature_dim_of,
                     identity_vectors, mean_features)
@@ -41,7 +43,7 @@ from .model import (FaceModel, build_backbone_for, build_codebook, build_run_hea
 # Arguments a resumed run must share with the run it continues. Others given on its command line
 # (e.g. --steps to train longer, --workers) replace the saved ones.
 RESUME_KEYS = ("data", "ids", "images_per_id", "holdout_per_id", "verify_ids", "image_size", "backbone",
-               "embedding_dim", "head", "sample_rate", "margin", "m", "scale", "vocab", "length", "proj_dim",
+               "init_backbone", "embedding_dim", "head", "sample_rate", "margin", "m", "scale", "vocab", "length", "proj_dim",
                "gamma", "identity_weight", "identity_samples", "codes", "code_method", "identity_vectors",
                "spread_steps", "retokenize_after", "first_head", "classifier_init",
                "optimizer", "lr", "momentum", "weight_decay", "warmup", "batch_size", "grad_clip", "seed")
@@ -63,9 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default 112 (insightface's crop); 64 for synthetic data with the cnn backbone "
                            "(the synthetic faces are drawn at 64x64), which keeps CPU runs short")
     data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    data.add_argument("--val-targets", default="",
+                      help="insightface verification sets to score, comma-separated: names (lfw,cfp_fp,agedb_30) "
+                           "of .bin files beside recordio:/imagefolder: data, or paths of .bin files")
+    data.add_argument("--val-every", type=int, default=2000, help="steps between scores of --val-targets")
     model = p.add_argument_group("model")
     model.add_argument("--backbone", default="auto", choices=("auto",) + BACKBONES,
                        help="auto: iresnet50 on a GPU, cnn on the CPU (unused for features data)")
+    model.add_argument("--init-backbone",
+                       help="initial backbone weights: a .pth state dict of the same --backbone, e.g. insightface's "
+                            "IResNet-50/100 model zoo files (read with torch.load(weights_only=True))")
     model.add_argument("--embedding-dim", type=int, default=512, help="width of the backbone's embeddings")
     model.add_argument("--head", default="gif", choices=HEADS, help="gif: the code head; full / partial_fc to compare")
     model.add_argument("--sample-rate", type=float, default=0.1, help="partial_fc: fraction of classes per step")
@@ -118,6 +127,7 @@ def parse_run(argv=None) -> dict:
     parser = build_parser()
     run = vars(parser.parse_args(argv))
     run["explicit"] = sorted(k for k, v in run.items() if v != parser.get_default(k))
+    run["val_targets"] = parse_val_targets(run["val_targets"])
     if run["data"].startswith("features:"):
         run["backbone"] = "none"  # precomputed embeddings train the head alone
     elif run["backbone"] == "auto":
@@ -125,7 +135,7 @@ def parse_run(argv=None) -> dict:
     if run["image_size"] is None:
         run["image_size"] = 64 if run["data"] == "synthetic" and run["backbone"] == "cnn" else 112
     minimums = {"ids": 1, "verify_ids": 0, "length": 1, "proj_dim": 1, "identity_samples": 0, "steps": 1,
-                "batch_size": 1, "checkpoint_every": 1, "log_every": 1}
+                "batch_size": 1, "checkpoint_every": 1, "log_every": 1, "val_every": 1}
     for key, minimum in minimums.items():
         if run[key] is not None and run[key] < minimum:
             parser.error(f"--{key.replace('_', '-')}: expected an integer >= {minimum}, got {run[key]}")
@@ -138,6 +148,9 @@ def parse_run(argv=None) -> dict:
         if run["head"] != "gif" or run["codes"] or run["code_method"] not in VECTOR_METHODS:
             parser.error(f"--retokenize-after: needs --head gif, codes built at start (no --codes) and a "
                          f"--code-method that reads identity vectors ({', '.join(VECTOR_METHODS)})")
+    if run["backbone"] == "none" and (run["val_targets"] or run["init_backbone"]):
+        parser.error(f"--{'val-targets' if run['val_targets'] else 'init-backbone'}: features data trains no "
+                     f"backbone")
     if run["classifier_init"] == "vectors" and run["proj_dim"]:
         parser.error("--classifier-init vectors: the classifiers see projections with --proj-dim; use one of them")
     try:
@@ -245,10 +258,11 @@ def resumed_run(run: dict, saved: dict) -> dict:
     """The saved run's arguments, with those given on this command line that may change."""
     previous = saved["run"]
     for key in RESUME_KEYS:
-        if key in run["explicit"] and run[key] != previous[key]:
+        if key in run["explicit"] and run[key] != previous.get(key):
             raise ValueError(f"--{key.replace('_', '-')}: {run[key]!r} differs from the run being resumed "
-                             f"({previous[key]!r}); start a new --out to change it")
-    return {**previous, **{k: run[k] for k in run["explicit"]}, "explicit": run["explicit"]}
+                             f"({previous.get(key)!r}); start a new --out to change it")
+    # Options newer than the saved run take this command line's values (their defaults if not given).
+    return {**run, **previous, **{k: run[k] for k in run["explicit"]}, "explicit": run["explicit"]}
 
 
 class Log:
@@ -311,6 +325,8 @@ def build_training(run: dict, out: Path, splits, device, rank: int, world: int, 
     stats trains (checkpoint.stage_head), with the same initial weights in every process."""
     torch.manual_seed(run["seed"])
     backbone, feature_dim = build_backbone_for(run, splits.input_shape)
+    if run["init_backbone"]:  # before the codes are made: they come from the initial backbone's features
+        load_backbone_weights(backbone, run["init_backbone"])
     backbone.to(device)
     kind, codes = checkpoint.stage_head(run, stats)
     if codes == checkpoint.CODES_FILE:
@@ -330,10 +346,11 @@ def build_training(run: dict, out: Path, splits, device, rank: int, world: int, 
     return model, optimizer, codebook
 
 
-def train_steps(run: dict, out: Path, model, optimizer, splits, device, rank: int, world: int,
+def train_steps(run: dict, out: Path, model, optimizer, splits, val_sets, device, rank: int, world: int,
                 step: int, stop: int, total: int, per_epoch: int, stats: dict) -> int:
     """Train from `step` to `stop` of `total` steps (per_epoch steps an epoch; the learning rate follows
-    `total`), logging and checkpointing; returns the last step."""
+    `total`), logging, scoring the verification sets `val_sets` (rank 0's; empty on the others) and
+    checkpointing; returns the last step."""
     batch = run["batch_size"] // world
     step_model = DistributedDataParallel(model) if world > 1 else model
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=run["seed"],
@@ -367,15 +384,20 @@ def train_steps(run: dict, out: Path, model, optimizer, splits, device, rank: in
             if last is not None:  # the first step of each loader (its start-up) is not timed
                 timed_images, timed_seconds = timed_images + batch * world, timed_seconds + now - last
             last = now
+            scoring = bool(run["val_targets"]) and step % run["val_every"] == 0
             if rank == 0:
                 progress.update(1)
+                values = val_set_metrics(model.backbone, val_sets, device, run["workers"]) if scoring else {}
                 if step % run["log_every"] == 0 or step == total:
-                    values = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": loss.item(),
-                              **{k: v.item() for k, v in parts.items()}}
+                    values.update({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": loss.item(),
+                                   **{k: v.item() for k, v in parts.items()}})
                     if timed_seconds:
                         values["images_per_s"] = timed_images / timed_seconds
                     progress.set_postfix(loss=f"{values['loss']:.3f}")
+                if values:
                     log.write(step, values)
+            if scoring:  # the other processes wait for rank 0's scoring here rather than in DDP's all-reduce
+                barrier(world)
             if step % run["checkpoint_every"] == 0 or step in (stop, total):
                 if timed_seconds:
                     stats["images_per_s"] = timed_images / timed_seconds
@@ -400,6 +422,7 @@ def train(run: dict) -> dict | None:
     out = Path(run["out"])
     run, saved = start_or_resume(run, out, world)
     splits = load_splits(run)
+    val_sets = load_val_sets(run["val_targets"], run["data"], run["image_size"]) if rank == 0 else []
     per_epoch = len(splits.train) // world // (run["batch_size"] // world)  # DistributedSampler drops the rest
     if per_epoch == 0:
         raise ValueError(f"--batch-size: {run['batch_size']} is more than the {len(splits.train)} training images")
@@ -425,18 +448,20 @@ def train(run: dict) -> dict | None:
             print(f"resumed from step {step} ({saved['path']})", flush=True)
     if switch is not None and checkpoint.stage_head(run, stats)[1] != checkpoint.RETOKENIZED_CODES_FILE:
         # the first stage (nothing left of it when resumed at the switch), then the switch
-        step = train_steps(run, out, model, optimizer, splits, device, rank, world, step, switch, total, per_epoch,
-                           stats)
+        step = train_steps(run, out, model, optimizer, splits, val_sets, device, rank, world, step, switch, total,
+                           per_epoch, stats)
         codebook = retokenize(run, out, model, optimizer, splits, device, rank, world)
         stats["retokenized_at"] = step
         if rank == 0:
             checkpoint.save(out, step, model, optimizer, run, stats)
         barrier(world)
-    step = train_steps(run, out, model, optimizer, splits, device, rank, world, step, total, total, per_epoch, stats)
+    step = train_steps(run, out, model, optimizer, splits, val_sets, device, rank, world, step, total, total,
+                       per_epoch, stats)
 
     metrics = None
     if rank == 0:
         metrics = evaluate(model, splits, device, run["eval_beam"], run["workers"], run["seed"])
+        metrics.update(val_set_metrics(model.backbone, val_sets, device, run["workers"]))
         metrics.update(run_description(run, splits.num_ids, codebook, step, stats))
         write_metrics(out, metrics)
         print(json.dumps(metrics, sort_keys=True), flush=True)

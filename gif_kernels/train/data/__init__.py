@@ -1,5 +1,6 @@
 """Face data for the reference trainer: a synthetic identity generator, image folders, insightface
-RecordIO and precomputed features, split into training, held-out and verification sets.
+RecordIO and precomputed features, split into training, held-out and verification sets; and
+insightface's verification sets (.bin files: valsets.py).
 
 `load_data(spec)` takes `synthetic`, `imagefolder:PATH`, `recordio:PATH` or `features:PATH`. Images
 come out as float32 (3, S, S) RGB scaled to [-1, 1] as insightface does ((x / 255 - 0.5) / 0.5).
@@ -10,11 +11,12 @@ from .images import read_image_folder
 from .recordio import RECORDIO_MAGIC, read_recordio, write_recordio
 from .splits import Splits, split_identities
 from .synthetic import SYNTHETIC_IMAGES_PER_ID, synthetic_splits
+from .valsets import UnsafePickleError, load_val_sets, parse_val_targets, read_bin, write_bin
 
 DATA_KINDS = ("synthetic", "imagefolder", "recordio", "features")
 
-__all__ = ["DATA_KINDS", "RECORDIO_MAGIC", "SYNTHETIC_IMAGES_PER_ID", "Splits", "load_data", "load_splits",
-           "write_recordio"]
+__all__ = ["DATA_KINDS", "RECORDIO_MAGIC", "SYNTHETIC_IMAGES_PER_ID", "Splits", "UnsafePickleError", "load_data",
+           "load_splits", "load_val_sets", "parse_val_targets", "read_bin", "write_bin", "write_recordio"]
 
 
 def load_data(spec: str, ids: int | None = None, image_size: int = 112,

@@ -16,18 +16,28 @@ def pillow():
     return Image
 
 
-def decode_image(source, image_size: int, name: str) -> torch.Tensor:
-    """(3, S, S) float32 in [-1, 1] from an image file path or file object."""
+def decode_pixels(source, image_size: int | None, name: str) -> torch.Tensor:
+    """(3, S, S) uint8 RGB from an image file path or file object, resized (bilinear) if not S x S;
+    with image_size None, (3, H, W) as the file has it."""
     Image = pillow()
     try:
         with Image.open(source) as image:
             image = image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"data: cannot decode image {name}: {error}") from error
-    if image.size != (image_size, image_size):
+    if image_size is not None and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
-    return pixels.float() / 127.5 - 1  # insightface's (x / 255 - 0.5) / 0.5
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
+def to_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as a backbone's float32 input in [-1, 1]: insightface's (x / 255 - 0.5) / 0.5."""
+    return pixels.float() / 127.5 - 1
+
+
+def decode_image(source, image_size: int, name: str) -> torch.Tensor:
+    """(3, S, S) float32 in [-1, 1] from an image file path or file object."""
+    return to_input(decode_pixels(source, image_size, name))
 
 
 class _ImageFiles(Dataset):
