@@ -394,3 +394,20 @@ def test_export_of_a_run_without_a_backbone_is_one_line(tmp_path):
     result = run_tool("gif_kernels.train.export", tmp_path / "run", "--onnx", tmp_path / "x.onnx")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: checkpoint: this run trained a head on features data; it has no backbone"]
+
+
+def test_alignment_matches_scikit_image_and_opencv_where_installed():
+    # insightface's own pipeline: skimage's SimilarityTransform, then cv2.warpAffine (neither is a dependency).
+    cv2 = pytest.importorskip("cv2")
+    skimage_transform = pytest.importorskip("skimage.transform")
+    generator = np.random.default_rng(4)
+    for _ in range(5):
+        marks = ARCFACE_LANDMARKS * generator.uniform(0.5, 3) + generator.normal(0, 3, (5, 2)) + generator.uniform(0, 99, 2)
+        estimate = skimage_transform.SimilarityTransform()
+        estimate.estimate(marks, ARCFACE_LANDMARKS)
+        matrix = similarity_transform(marks, ARCFACE_LANDMARKS)
+        assert np.allclose(matrix, estimate.params[:2], atol=1e-9)
+        image = generator.integers(0, 256, (generator.integers(80, 300), generator.integers(80, 300), 3), np.uint8)
+        expected = cv2.warpAffine(image, estimate.params[:2], (112, 112), borderValue=0.0)
+        ours = warp_affine(torch.from_numpy(image).permute(2, 0, 1).contiguous(), matrix, 112).permute(1, 2, 0)
+        assert np.abs(ours.numpy().astype(int) - expected).max() <= 1  # OpenCV interpolates in fixed point

@@ -12,6 +12,7 @@ import torch
 
 from gif_kernels import CodeBook
 from gif_kernels.train import checkpoint
+from gif_kernels.train.data import write_bin
 from gif_kernels.train.evaluate import verification, verification_pairs
 from gif_kernels.train.trainer import learning_rate, parse_run, train
 from tests.helpers.trainer_runs import TINY, command, environment
@@ -141,17 +142,24 @@ def test_retokenize_after_the_last_step_is_refused(tmp_path):
 
 
 def test_two_process_ddp_run_and_resume(tmp_path):
+    # with a verification set scored by rank 0 while the other process waits
+    images = [np.full((16, 16, 3), 12 * k, np.uint8) for k in range(20)]
+    write_bin(tmp_path / "set.bin", images, [k % 2 == 0 for k in range(10)])
+    out = tmp_path / "run"
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "gif_kernels.train", *TINY, "--out", str(tmp_path)]
+              "-m", "gif_kernels.train", *TINY, "--val-targets", str(tmp_path / "set.bin"), "--val-every", "2",
+              "--out", str(out)]
     first = subprocess.run(launch, env=environment(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["processes"] == 2 and metrics["steps"] == 6
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 6 and 0 <= metrics["set_accuracy"] <= 1
+    with open(out / "log.csv", newline="") as file:
+        assert [row["step"] for row in csv.DictReader(file) if row["set_accuracy"]] == ["2", "4", "6"]
     more = subprocess.run([*launch, "--steps", "8", "--resume"], env=environment(), capture_output=True,
                           text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resumed from step 6" in more.stdout
-    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 8
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 8
 
 
 def test_evaluate_cli_reproduces_the_run_metrics(tmp_path):

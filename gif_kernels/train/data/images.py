@@ -23,7 +23,7 @@ def decode_pixels(source, image_size: int | None, name: str) -> torch.Tensor:
     try:
         with Image.open(source) as image:
             image = image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"data: cannot decode image {name}: {error}") from error
     if image_size is not None and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
