@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .files import atomic_write
+from .files import save_safetensors
 from .tokenize import DEFAULT_METHOD, tokenize
 
 FILE_FORMAT = "gif-kernels CodeBook"
@@ -306,8 +305,7 @@ class CodeBook:
             tensors["names_offsets"] = torch.from_numpy(offsets)
         metadata = {"format": FILE_FORMAT, "format_version": str(FORMAT_VERSION),
                     "vocab": str(self.vocab), "sha256": _checksum(tensors)}
-        with atomic_write(path) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
+        save_safetensors(path, tensors, metadata)
 
     @classmethod
     def load(cls, path) -> "CodeBook":

@@ -1,6 +1,9 @@
 """Writing a file so that no reader, and no kill or machine crash mid-write, ever leaves half of it."""
 import contextlib
 import os
+from pathlib import Path
+
+from safetensors.torch import save
 
 
 @contextlib.contextmanager
@@ -33,3 +36,12 @@ def _fsync_directory(directory):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def save_safetensors(path, tensors: dict, metadata: dict):
+    """Write tensors and metadata as a safetensors file through atomic_write. The bytes are
+    serialized here and written to atomic_write's temporary: safetensors' save_file would write a
+    randomly named temporary of its own, which a kill mid-write leaves behind."""
+    data = save(tensors, metadata=metadata)
+    with atomic_write(path) as tmp:
+        Path(tmp).write_bytes(data)

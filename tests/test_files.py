@@ -160,6 +160,11 @@ def test_writers_killed_at_random_moments_leave_whole_files_and_a_run_that_resum
         server.kill()
         server.wait()
     assert any(torn.values()), "no kill landed inside atomic_write: kill sooner after the first write"
+    # Nothing else is left behind: only atomic_write's own temporaries, which the next write replaces.
+    written = ("codebook.safetensors", "codes.safetensors", "identity_vectors.npy", "log.csv", "metrics.json")
+    stray = [p.name for p in out.iterdir() if p.is_file() and not p.name.endswith(".tmp")
+             and p.name not in written and not checkpoint.FILE_PATTERN.fullmatch(p.name)]
+    assert stray == [], stray
     newest = checkpoint.checkpoints(out)[-1][0]
     metrics = train(parse_run([*TINY, "--steps", str(newest + 1), "--out", str(out), "--resume"]))
     assert metrics["steps"] == newest + 1 and checkpoint.load_latest(out)["step"] == newest + 1

@@ -1,4 +1,4 @@
-"""Training checkpoints: one safetensors file per save, written atomically (temp file + rename).
+"""Training checkpoints: one safetensors file per save, written atomically (files.save_safetensors).
 
 Tensors (model, optimizer state) go in the file's tensors; everything else (the step, the run's
 arguments, modules' extra state, optimizer hyper-parameters) in its JSON header. No pickle.
@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..codebook import CodeBook
-from ..files import atomic_write
+from ..files import save_safetensors
 from .data import load_splits
 from .backbones import build_backbone
 from .model import FaceModel, build_backbone_for, build_run_head
@@ -66,9 +65,9 @@ def save(directory, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
     tensors, plain = {}, {}
     _split("", {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tensors, plain)
     path = directory / f"checkpoint-{step}.safetensors"
-    with atomic_write(path) as tmp:  # a kill mid-write leaves the previous checkpoint as the latest
-        save_file(tensors, tmp, metadata={"step": str(step), "run": json.dumps(run),
-                                          "stats": json.dumps(stats), "plain": json.dumps(plain)})
+    # atomic: a kill mid-write leaves the previous checkpoint as the latest
+    save_safetensors(path, tensors, {"step": str(step), "run": json.dumps(run), "stats": json.dumps(stats),
+                                     "plain": json.dumps(plain)})
     for old in sorted(checkpoints(directory))[:-KEEP]:
         old[1].unlink(missing_ok=True)
     return path
