@@ -89,6 +89,7 @@ def test_train_data_mistakes_leave_no_output_folder(tmp_path, capsys):
         (["--batch-size", "0"], "--batch-size"),
         (["--lr", "fast"], "--lr"),
         (["--val-every", "0"], "--val-every"),
+        (["--threads", "0"], "--threads"),
         (["--val-targets", "lfw"], "val_targets:", "give the path of its .bin"),
         (["--val-targets", str(tmp_path / "lfw.bin")], "val_targets:", "not found"),
         (["--init-backbone", str(tmp_path / "r50.pth")], "init_backbone:", "not found"),

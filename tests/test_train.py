@@ -37,6 +37,15 @@ def test_a_tiny_run_writes_checkpoints_log_and_metrics(tmp_path, head):
         train(parse_run([*TINY, "--head", head, "--out", str(tmp_path)]))
 
 
+def test_threads_option_sets_the_training_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        metrics = train(parse_run([*TINY, "--threads", "1", "--out", str(tmp_path)]))
+        assert metrics["threads"] == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     args = [*TINY, "--steps", "30", "--checkpoint-every", "1", "--gamma", "1.0"]

@@ -140,7 +140,8 @@ def evaluate(model, splits, device, beam: int = 32, workers: int = 0, seed: int 
 def run_description(run: dict, num_ids: int, codebook: CodeBook | None, step: int, stats: dict) -> dict:
     """The keys of metrics.json that say what was measured (beside the measurements)."""
     description = {"head": run["head"], "steps": step, "images_per_s": stats.get("images_per_s"),
-                   "backbone": run["backbone"], "num_ids": num_ids, "processes": stats.get("processes")}
+                   "backbone": run["backbone"], "num_ids": num_ids, "processes": stats.get("processes"),
+                   "threads": torch.get_num_threads()}
     if codebook is not None:
         description.update(code_length=codebook.length, vocab=codebook.vocab)
     if "retokenized_at" in stats:

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default 112 (insightface's crop); 64 for synthetic data with the cnn backbone "
                            "(the synthetic faces are drawn at 64x64), which keeps CPU runs short")
     data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    data.add_argument("--threads", type=int,
+                      help="CPU threads of each training process (default: PyTorch's, OMP_NUM_THREADS or the "
+                           "core count; see bench/RESULTS.md for the trainer beside its data-loader workers)")
     data.add_argument("--val-targets", default="",
                       help="insightface verification sets to score, comma-separated: names (lfw,cfp_fp,agedb_30) "
                            "of .bin files beside recordio:/imagefolder: data, or paths of .bin files")
@@ -134,8 +137,8 @@ def parse_run(argv=None) -> dict:
         run["backbone"] = "iresnet50" if torch.cuda.is_available() else "cnn"
     if run["image_size"] is None:
         run["image_size"] = 64 if run["data"] == "synthetic" and run["backbone"] == "cnn" else 112
-    minimums = {"ids": 1, "verify_ids": 0, "length": 1, "proj_dim": 1, "identity_samples": 0, "steps": 1,
-                "batch_size": 1, "checkpoint_every": 1, "log_every": 1, "val_every": 1}
+    minimums = {"threads": 1, "ids": 1, "verify_ids": 0, "length": 1, "proj_dim": 1, "identity_samples": 0,
+                "steps": 1, "batch_size": 1, "checkpoint_every": 1, "log_every": 1, "val_every": 1}
     for key, minimum in minimums.items():
         if run[key] is not None and run[key] < minimum:
             parser.error(f"--{key.replace('_', '-')}: expected an integer >= {minimum}, got {run[key]}")
@@ -419,6 +422,8 @@ def train(run: dict) -> dict | None:
     Bad arguments and data raise ValueError (or OSError) before anything is written; an output
     folder that this call created is removed again if setting up the run fails."""
     rank, world, device = setup_distributed()
+    if run["threads"] is not None:
+        torch.set_num_threads(run["threads"])
     out = Path(run["out"])
     run, saved = start_or_resume(run, out, world)
     splits = load_splits(run)
