@@ -147,6 +147,8 @@ def test_evaluate_mistakes(tmp_path, capsys):
 def test_ijb_and_export_mistakes(tmp_path, capsys):
     fails_with_one_line(capsys, evaluate_ijb.main, [str(tmp_path / "missing"), "--root", str(tmp_path)],
                         "checkpoint:", "does not exist")
+    fails_with_one_line(capsys, evaluate_ijb.main, [str(tmp_path / "r50.pth"), "--root", str(tmp_path)],
+                        "model:", "not found")
     fails_with_one_line(capsys, evaluate_ijb.main, [str(tmp_path), "--root", str(tmp_path), "--batch-size", "0"],
                         "--batch-size")
     fails_with_one_line(capsys, evaluate_ijb.main, [str(tmp_path), "--root", str(tmp_path), "--target", "IJBA"],

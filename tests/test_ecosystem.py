@@ -296,6 +296,16 @@ def test_ijb_protocol_end_to_end(tmp_path):
     assert np.allclose(np.load(tmp_path / "ijb" / "ijbc.npy"), expected, atol=1e-5)
 
 
+def test_ijb_of_a_model_zoo_state_dict(tmp_path):
+    write_ijb(tmp_path / "IJBC")
+    torch.save(build_backbone("iresnet18", 8).state_dict(), tmp_path / "r18.pth")
+    result = run_tool("gif_kernels.train.evaluate_ijb", "--root", tmp_path / "IJBC", "--backbone", "iresnet18",
+                      "--embedding-dim", "8", tmp_path / "r18.pth")
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = json.loads((tmp_path / "ijbc.json").read_text())
+    assert table["model"] == str(tmp_path / "r18.pth") and len(table["tar@far"]) == len(IJB_FARS)
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda root: (root / "meta" / "ijbc_face_tid_mid.txt").write_text("x.jpg 1 10\n"), "in its order"),
     (lambda root: (root / "meta" / "ijbc_template_pair_label.txt").write_text("1 4 1\n1 2 0\n"),

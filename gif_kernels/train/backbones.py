@@ -120,32 +120,33 @@ def build_backbone(name: str, embedding_dim: int = 512, image_size: int = 112) -
     return IResNet(IRESNET_LAYERS[name], embedding_dim, image_size)
 
 
-def load_backbone_weights(backbone: nn.Module, path) -> nn.Module:
+def load_backbone_weights(backbone: nn.Module, path, argument: str = "init_backbone") -> nn.Module:
     """Load a .pth state dict into backbone, all keys and shapes matching (insightface's IResNet
     checkpoints fit the IResNets here as they are; a "module." prefix of a DataParallel save is
-    dropped). torch.load(weights_only=True) refuses a file that would run code when loaded."""
+    dropped). torch.load(weights_only=True) refuses a file that would run code when loaded. Errors
+    name `argument`, the option that gave the file."""
     name = os.fspath(path)
     try:
         state = torch.load(name, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"init_backbone: {name} not found") from None
+        raise FileNotFoundError(f"{argument}: {name} not found") from None
     except Exception as error:  # a damaged file or one that is no weights-only pickle raises many kinds
-        raise ValueError(f"init_backbone: {name} is not a weights-only state dict: {str(error).splitlines()[0]}") \
+        raise ValueError(f"{argument}: {name} is not a weights-only state dict: {str(error).splitlines()[0]}") \
             from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"init_backbone: {name} holds a {type(state).__name__}, expected a state dict of tensors")
+        raise ValueError(f"{argument}: {name} holds a {type(state).__name__}, expected a state dict of tensors")
     if state and all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
     expected = backbone.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"init_backbone: {name} does not fit the backbone ({type(backbone).__name__}): "
+        raise ValueError(f"{argument}: {name} does not fit the backbone ({type(backbone).__name__}): "
                          f"{len(missing)} keys missing (first: {missing[:3]}), {len(unexpected)} unexpected "
                          f"(first: {unexpected[:3]})")
     wrong = [key for key in expected if expected[key].shape != state[key].shape]
     if wrong:
         key = wrong[0]
-        raise ValueError(f"init_backbone: {name} has {key} of shape {tuple(state[key].shape)}, the backbone's is "
+        raise ValueError(f"{argument}: {name} has {key} of shape {tuple(state[key].shape)}, the backbone's is "
                          f"{tuple(expected[key].shape)} ({len(wrong)} such keys; another --backbone, "
                          f"--embedding-dim or --image-size?)")
     backbone.load_state_dict(state)

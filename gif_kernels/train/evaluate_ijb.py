@@ -1,14 +1,16 @@
 """IJB-B / IJB-C 1:1 verification of a checkpoint's backbone, as insightface's eval_ijbc.py computes it.
 
     python -m gif_kernels.train.evaluate_ijb --root IJB_release/IJBC --target IJBC OUT/checkpoint-S.safetensors
+    python -m gif_kernels.train.evaluate_ijb --root IJB_release/IJBC --backbone iresnet100 backbone.pth
 
 Each face is aligned from its 5 landmarks to the 112 x 112 crop; its feature is the sum of the
 backbone's embeddings of the crop and of its mirror image (flip test), not normalized, times the
 detector's faceness score; media features are the mean of their images', template features the sum
 of their media's, normalized; a pair's score is the cosine of its templates' features. TAR at each FAR
 is read off the ROC at the point whose FAR is nearest the target (the highest TAR among equals), as
-eval_ijbc.py reads it, so the table compares with published IJB numbers. Writes TARGET.json (the
-table), TARGET.npy (every pair's score) and TARGET.png (the ROC, log FAR) into --out.
+eval_ijbc.py reads it, so the table compares with published IJB numbers (and a model zoo .pth,
+evaluated here, with insightface's own). Writes TARGET.json (the table), TARGET.npy (every pair's
+score) and TARGET.png (the ROC, log FAR) into --out.
 """
 import json
 from pathlib import Path
@@ -19,6 +21,8 @@ import torch
 from ..cli import ArgumentParser, one_line_errors
 from ..files import atomic_write
 from . import checkpoint
+from .backbones import BACKBONES, build_backbone, load_backbone_weights
+from .data.align import ARCFACE_SIZE
 from .data.ijb import IJB_TARGETS, IJBFaces, read_ijb, template_features
 from .evaluate import PAIR_CHUNK
 from .model import embed
@@ -63,9 +67,24 @@ def plot_roc(is_same: np.ndarray, scores: np.ndarray, title: str, path: Path):
     plt.close(figure)
 
 
+def load_model(path: str, backbone_name: str, embedding_dim: int) -> tuple:
+    """(backbone, image size, {"model", "step"}, default output folder) of a trainer checkpoint (file
+    or run folder) or of a .pth state dict of backbone_name at insightface's 112 x 112."""
+    if path.endswith(".pth"):
+        backbone = load_backbone_weights(build_backbone(backbone_name, embedding_dim, ARCFACE_SIZE), path,
+                                         argument="model")
+        return backbone.eval(), ARCFACE_SIZE, {"model": path}, Path(path).parent
+    saved = checkpoint.load_given(path)
+    return (checkpoint.restore_backbone(saved), saved["run"]["image_size"],
+            {"model": str(saved["path"]), "step": saved["step"]}, Path(saved["path"]).parent)
+
+
 def main(argv=None):
     parser = ArgumentParser(prog="python -m gif_kernels.train.evaluate_ijb", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint-S.safetensors file, or the run's output folder (its newest)")
+    parser.add_argument("model", help="a checkpoint-S.safetensors file, a run's output folder (its newest "
+                                      "checkpoint), or a .pth state dict of --backbone (insightface's model zoo)")
+    parser.add_argument("--backbone", default="iresnet50", choices=BACKBONES, help="the backbone of a .pth model")
+    parser.add_argument("--embedding-dim", type=int, default=512, help="the embedding width of a .pth model")
     parser.add_argument("--root", required=True, help="the protocol's folder, holding meta/ and loose_crop/")
     parser.add_argument("--target", default="IJBC", choices=IJB_TARGETS, help="IJB-B or IJB-C")
     parser.add_argument("--out", help="folder for the results (default: the checkpoint's folder)")
@@ -75,26 +94,26 @@ def main(argv=None):
     if args.batch_size < 1:
         parser.error(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     with one_line_errors():
-        saved = checkpoint.load_given(args.checkpoint)
+        backbone, image_size, source, folder = load_model(args.model, args.backbone, args.embedding_dim)
         protocol = read_ijb(args.root, args.target)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        backbone = checkpoint.restore_backbone(saved).to(device)
-        faces = IJBFaces(args.root, protocol, saved["run"]["image_size"])
+        backbone = backbone.to(device)
+        faces = IJBFaces(args.root, protocol, image_size)
         features, _ = embed(backbone, faces, device, args.batch_size, args.workers, flip=True)
         features = features * torch.from_numpy(protocol.faceness)[:, None]
         scores = pair_scores(features, protocol)
         table = tar_at_far(protocol.is_same, scores)
-        out = Path(args.out or Path(saved["path"]).parent)
+        out = Path(args.out or folder)
         out.mkdir(parents=True, exist_ok=True)
         stem = out / args.target.lower()
-        result = {"target": args.target, "checkpoint": str(saved["path"]), "step": saved["step"],
-                  "images": len(protocol.names), "pairs": len(scores),
+        result = {"target": args.target, **source, "images": len(protocol.names), "pairs": len(scores),
                   "tar@far": {f"{far:.0e}": tar for far, tar in table.items()}}
         with atomic_write(stem.with_suffix(".json")) as tmp:
             Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
         with atomic_write(stem.with_suffix(".npy")) as tmp, open(tmp, "wb") as file:
             np.save(file, scores)
-        plot_roc(protocol.is_same, scores, f"ROC on {args.target}, step {saved['step']}", stem.with_suffix(".png"))
+        plot_roc(protocol.is_same, scores, f"ROC on {args.target}: {Path(source['model']).name}",
+                 stem.with_suffix(".png"))
         print(f"{'FAR':>10}" + "".join(f"{far:>9.0e}" for far in table))
         print(f"{'TAR (%)':>10}" + "".join(f"{100 * tar:>9.2f}" for tar in table.values()))
         print(f"wrote {stem.with_suffix('.json')}, .npy, .png")
