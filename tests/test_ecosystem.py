@@ -375,6 +375,10 @@ def test_trainer_starts_from_the_given_backbone(tmp_path):
     trained = checkpoint.restore_backbone(checkpoint.load_given(tmp_path / "run")).state_dict()
     assert all(torch.equal(trained[key], value) for key, value in source.state_dict().items()
                if key.endswith(("conv1.weight", "fc.weight")))  # learning rate 0: the weights as loaded
+    (tmp_path / "r18.pth").unlink()  # a resumed run starts from its checkpoint, not from the file
+    metrics = train(parse_run([*TINY, "--backbone", "iresnet18", "--steps", "8", "--resume", "--out",
+                               str(tmp_path / "run")]))
+    assert metrics["steps"] == 8
 
 
 # --- ONNX export ------------------------------------------------------------------------------------

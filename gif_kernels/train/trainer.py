@@ -43,8 +43,8 @@ from .model import (FaceModel, build_backbone_for, build_codebook, build_run_hea
 # Arguments a resumed run must share with the run it continues. Others given on its command line
 # (e.g. --steps to train longer, --workers) replace the saved ones.
 RESUME_KEYS = ("data", "ids", "images_per_id", "holdout_per_id", "verify_ids", "image_size", "backbone",
-               "init_backbone", "embedding_dim", "head", "sample_rate", "margin", "m", "scale", "vocab", "length", "proj_dim",
-               "gamma", "identity_weight", "identity_samples", "codes", "code_method", "identity_vectors",
+               "init_backbone", "embedding_dim", "head", "sample_rate", "margin", "m", "scale", "vocab", "length",
+               "proj_dim", "gamma", "identity_weight", "identity_samples", "codes", "code_method", "identity_vectors",
                "spread_steps", "retokenize_after", "first_head", "classifier_init",
                "optimizer", "lr", "momentum", "weight_decay", "warmup", "batch_size", "grad_clip", "seed")
 
@@ -323,12 +323,13 @@ def start_or_resume(run: dict, out: Path, world: int) -> tuple[dict, dict | None
     return run, saved
 
 
-def build_training(run: dict, out: Path, splits, device, rank: int, world: int, stats: dict):
+def build_training(run: dict, out: Path, splits, device, rank: int, world: int, stats: dict, resuming: bool):
     """(model, optimizer, codebook or None) on `device` for the stage that a checkpoint with these
-    stats trains (checkpoint.stage_head), with the same initial weights in every process."""
+    stats trains (checkpoint.stage_head), with the same initial weights in every process (--init-backbone's
+    unless resuming: the checkpoint's weights replace them)."""
     torch.manual_seed(run["seed"])
     backbone, feature_dim = build_backbone_for(run, splits.input_shape)
-    if run["init_backbone"]:  # before the codes are made: they come from the initial backbone's features
+    if run["init_backbone"] and not resuming:  # before the codes are made from the initial backbone's features
         load_backbone_weights(backbone, run["init_backbone"])
     backbone.to(device)
     kind, codes = checkpoint.stage_head(run, stats)
@@ -439,7 +440,7 @@ def train(run: dict) -> dict | None:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         barrier(world)
-        model, optimizer, codebook = build_training(run, out, splits, device, rank, world, stats)
+        model, optimizer, codebook = build_training(run, out, splits, device, rank, world, stats, saved is not None)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
