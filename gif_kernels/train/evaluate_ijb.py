@@ -24,7 +24,7 @@ from . import checkpoint
 from .backbones import BACKBONES, build_backbone, load_backbone_weights
 from .data.align import ARCFACE_SIZE
 from .data.ijb import IJB_TARGETS, IJBFaces, read_ijb, template_features
-from .evaluate import PAIR_CHUNK
+from .evaluate import PAIR_CHUNK, sklearn_roc_curve
 from .model import embed
 
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -33,8 +33,7 @@ IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 def tar_at_far(is_same: np.ndarray, scores: np.ndarray, fars=IJB_FARS) -> dict:
     """{far: TAR} from scikit-learn's ROC, each at the ROC point whose FAR is nearest far (of equally
     near ones, the highest TAR): insightface's rule for the IJB tables."""
-    from sklearn.metrics import roc_curve
-    fpr, tpr, _ = roc_curve(is_same, scores)
+    fpr, tpr, _ = sklearn_roc_curve()(is_same, scores)
     fpr, tpr = fpr[::-1], tpr[::-1]  # argmin takes the first of equals: here the highest TAR
     return {far: float(tpr[np.argmin(np.abs(fpr - far))]) for far in fars}
 
@@ -47,15 +46,20 @@ def pair_scores(features: torch.Tensor, protocol) -> np.ndarray:
                       for i in range(0, len(first), PAIR_CHUNK)]).numpy()
 
 
-def plot_roc(is_same: np.ndarray, scores: np.ndarray, title: str, path: Path):
-    from sklearn.metrics import roc_curve
+def pyplot():
+    """matplotlib's pyplot, drawing to files."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise ImportError("the ROC plot needs matplotlib: pip install matplotlib") from error
-    fpr, tpr, _ = roc_curve(is_same, scores)
+        raise ImportError('the ROC plot needs matplotlib: pip install matplotlib (or "gif-kernels[train]")') from error
+    return plt
+
+
+def plot_roc(is_same: np.ndarray, scores: np.ndarray, title: str, path: Path):
+    plt = pyplot()
+    fpr, tpr, _ = sklearn_roc_curve()(is_same, scores)
     figure, axes = plt.subplots(figsize=(6, 4.5))
     axes.plot(fpr, tpr, lw=1)
     axes.set(xscale="log", xlim=(IJB_FARS[0], IJB_FARS[-1]), ylim=(0.3, 1.0), xlabel="False accept rate",
@@ -94,6 +98,7 @@ def main(argv=None):
     if args.batch_size < 1:
         parser.error(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     with one_line_errors():
+        sklearn_roc_curve(), pyplot()  # before the images are embedded
         backbone, image_size, source, folder = load_model(args.model, args.backbone, args.embedding_dim)
         protocol = read_ijb(args.root, args.target)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
