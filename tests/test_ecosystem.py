@@ -306,6 +306,12 @@ def test_ijb_of_a_model_zoo_state_dict(tmp_path):
     assert table["model"] == str(tmp_path / "r18.pth") and len(table["tar@far"]) == len(IJB_FARS)
 
 
+def nan_score(path):
+    """The first image's faceness score replaced by nan."""
+    first, rest = path.read_text().split("\n", 1)
+    path.write_text(first.rsplit(" ", 1)[0] + " nan\n" + rest)
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda root: (root / "meta" / "ijbc_face_tid_mid.txt").write_text("x.jpg 1 10\n"), "in its order"),
     (lambda root: (root / "meta" / "ijbc_template_pair_label.txt").write_text("1 4 1\n1 2 0\n"),
@@ -314,6 +320,7 @@ def test_ijb_of_a_model_zoo_state_dict(tmp_path):
     (lambda root: (root / "meta" / "ijbc_template_pair_label.txt").write_text("1 2 5\n"), "labels must be 0 or 1"),
     (lambda root: (root / "meta" / "ijbc_template_pair_label.txt").write_text("1 2\n"), "template template label"),
     (lambda root: (root / "meta" / "ijbc_name_5pts_score.txt").unlink(), "not found"),
+    (lambda root: nan_score(root / "meta" / "ijbc_name_5pts_score.txt"), "must be finite"),
 ])
 def test_ijb_meta_errors_name_the_file(tmp_path, damage, message):
     write_ijb(tmp_path)

@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 from ..codebook import CodeBook
 from ..files import save_safetensors
-from .data import load_splits
 from .backbones import build_backbone
+from .data import load_splits
 from .model import FaceModel, build_backbone_for, build_run_head
 
 FILE_PATTERN = re.compile(r"checkpoint-(\d+)\.safetensors")

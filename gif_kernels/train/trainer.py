@@ -351,10 +351,11 @@ def build_training(run: dict, out: Path, splits, device, rank: int, world: int, 
 
 
 def train_steps(run: dict, out: Path, model, optimizer, splits, val_sets, device, rank: int, world: int,
-                step: int, stop: int, total: int, per_epoch: int, stats: dict) -> int:
+                step: int, stop: int, total: int, per_epoch: int, stats: dict) -> tuple[int, dict]:
     """Train from `step` to `stop` of `total` steps (per_epoch steps an epoch; the learning rate follows
-    `total`), logging, scoring the verification sets `val_sets` (rank 0's; empty on the others) and
-    checkpointing; returns the last step."""
+    `total`), logging, scoring the verification sets `val_sets` (rank 0's; empty on the others) every
+    --val-every steps and at the last, and checkpointing; returns (the last step, its scores if it was
+    scored, else {})."""
     batch = run["batch_size"] // world
     step_model = DistributedDataParallel(model) if world > 1 else model
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=run["seed"],
@@ -366,6 +367,7 @@ def train_steps(run: dict, out: Path, model, optimizer, splits, val_sets, device
         from tqdm import tqdm
         progress = tqdm(total=total, initial=step, desc=f"train {run['head']}", unit="step", dynamic_ncols=True)
     timed_images, timed_seconds, last = 0, 0.0, None
+    scores = {}
     while step < stop:
         epoch, offset = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
@@ -388,10 +390,11 @@ def train_steps(run: dict, out: Path, model, optimizer, splits, val_sets, device
             if last is not None:  # the first step of each loader (its start-up) is not timed
                 timed_images, timed_seconds = timed_images + batch * world, timed_seconds + now - last
             last = now
-            scoring = bool(run["val_targets"]) and step % run["val_every"] == 0
+            scoring = bool(run["val_targets"]) and (step % run["val_every"] == 0 or step == total)
             if rank == 0:
                 progress.update(1)
-                values = val_set_metrics(model.backbone, val_sets, device, run["workers"]) if scoring else {}
+                scores = val_set_metrics(model.backbone, val_sets, device, run["workers"]) if scoring else {}
+                values = dict(scores)
                 if step % run["log_every"] == 0 or step == total:
                     values.update({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": loss.item(),
                                    **{k: v.item() for k, v in parts.items()}})
@@ -414,7 +417,7 @@ def train_steps(run: dict, out: Path, model, optimizer, splits, val_sets, device
     if rank == 0:
         progress.close()
         log.close()
-    return step
+    return step, scores
 
 
 def train(run: dict) -> dict | None:
@@ -454,20 +457,21 @@ def train(run: dict) -> dict | None:
             print(f"resumed from step {step} ({saved['path']})", flush=True)
     if switch is not None and checkpoint.stage_head(run, stats)[1] != checkpoint.RETOKENIZED_CODES_FILE:
         # the first stage (nothing left of it when resumed at the switch), then the switch
-        step = train_steps(run, out, model, optimizer, splits, val_sets, device, rank, world, step, switch, total,
-                           per_epoch, stats)
+        step, _ = train_steps(run, out, model, optimizer, splits, val_sets, device, rank, world, step, switch,
+                              total, per_epoch, stats)
         codebook = retokenize(run, out, model, optimizer, splits, device, rank, world)
         stats["retokenized_at"] = step
         if rank == 0:
             checkpoint.save(out, step, model, optimizer, run, stats)
         barrier(world)
-    step = train_steps(run, out, model, optimizer, splits, val_sets, device, rank, world, step, total, total,
-                       per_epoch, stats)
+    step, scores = train_steps(run, out, model, optimizer, splits, val_sets, device, rank, world, step, total,
+                               total, per_epoch, stats)
 
     metrics = None
     if rank == 0:
         metrics = evaluate(model, splits, device, run["eval_beam"], run["workers"], run["seed"])
-        metrics.update(val_set_metrics(model.backbone, val_sets, device, run["workers"]))
+        # the last step's scores; scored here only when a resumed run had no step left to train
+        metrics.update(scores or val_set_metrics(model.backbone, val_sets, device, run["workers"]))
         metrics.update(run_description(run, splits.num_ids, codebook, step, stats))
         write_metrics(out, metrics)
         print(json.dumps(metrics, sort_keys=True), flush=True)

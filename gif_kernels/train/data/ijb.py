@@ -49,25 +49,26 @@ def read_ijb(root: str, target: str = "IJBC") -> IJBProtocol:
     score, the two image lists agree, and every template of a pair has images."""
     if target not in IJB_TARGETS:
         raise ValueError(f"target: expected one of {IJB_TARGETS}, got {target!r}")
-    faces = _lines(_meta(root, target, "name_5pts_score"))
-    members = _lines(_meta(root, target, "face_tid_mid"))
-    path = _meta(root, target, "name_5pts_score")
+    faces_file, members_file, pair_file = (_meta(root, target, name) for name in
+                                           ("name_5pts_score", "face_tid_mid", "template_pair_label"))
+    faces, members = _lines(faces_file), _lines(members_file)
     if not faces or any(len(fields) != 12 for fields in faces):
-        raise ValueError(f"root: {path}: expected lines of a name, 10 landmark coordinates and a score")
+        raise ValueError(f"root: {faces_file}: expected lines of a name, 10 landmark coordinates and a score")
     if len(members) != len(faces) or any(len(m) != 3 or m[0] != f[0] for m, f in zip(members, faces)):
-        raise ValueError(f"root: {_meta(root, target, 'face_tid_mid')}: expected 'name template media' for the "
-                         f"images of {os.path.basename(path)}, in its order")
+        raise ValueError(f"root: {members_file}: expected 'name template media' for the images of "
+                         f"{os.path.basename(faces_file)}, in its order")
     try:
         numbers = np.array([fields[1:] for fields in faces], dtype=np.float64)
         ids = np.array([fields[1:] for fields in members], dtype=np.int64)
     except ValueError as error:
         raise ValueError(f"root: {root}: the meta files hold a value that is not a number: {error}") from error
-    pair_file = _meta(root, target, "template_pair_label")
+    if not np.isfinite(numbers).all():
+        raise ValueError(f"root: {faces_file}: landmarks and scores must be finite")
     try:  # numpy's C parser: IJB-C has 15.7M pairs
         pairs = np.loadtxt(pair_file, dtype=np.int64, ndmin=2)
     except ValueError as error:
         raise ValueError(f"root: {pair_file}: expected lines of 'template template label': {error}") from error
-    if pairs.shape[1] != 3 or not len(pairs) or not np.isfinite(numbers).all():
+    if pairs.shape[1] != 3 or not len(pairs):
         raise ValueError(f"root: {pair_file}: expected lines of 'template template label'")
     if not np.isin(pairs[:, 2], (0, 1)).all():
         raise ValueError(f"root: {pair_file}: labels must be 0 or 1")

@@ -4,8 +4,8 @@ A .bin is a pickle of (images, is_same): 2P encoded images (JPEG or PNG bytes) a
 being images 2p and 2p + 1. insightface writes them with Python 2's pickle (strings) or Python 3's
 (bytes), the flags as a list of bools or a numpy array. A pickle can name any function to call while
 it loads, so the file is read by an unpickler that resolves only the few globals such files use (those
-that rebuild numpy arrays and scalars, and `_codecs.encode`, with which Python 3 pickles bytes at protocols below 3);
-any other global is refused with UnsafePickleError before it is imported or called.
+that rebuild numpy arrays and scalars, and `_codecs.encode`, with which Python 3 pickles bytes at
+protocols below 3); any other global is refused with UnsafePickleError before it is imported or called.
 """
 import io
 import os
