@@ -265,7 +265,8 @@ def test_template_pooling_against_loops():
 def test_tar_at_far_takes_the_nearest_far_and_the_highest_tar_there():
     is_same = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
     scores = np.array([0.9, 0.8, 0.3, 0.85, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
-    table = tar_at_far(is_same, scores, fars=(1e-6, 0.1, 0.2))
+    from sklearn.metrics import roc_curve
+    table = tar_at_far(*roc_curve(is_same, scores)[:2], fars=(1e-6, 0.1, 0.2))
     # ROC points (FAR, TAR): (0, 0), (0, 1/3), (1/9, 1/3), (1/9, 2/3), (1/9, 1), (2/9, 1), (1, 1)
     assert table == {1e-6: pytest.approx(1 / 3), 0.1: 1.0, 0.2: 1.0}
 
