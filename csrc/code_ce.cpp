@@ -46,6 +46,12 @@ void check_code_ce_inputs(const at::Tensor& x, const at::Tensor& weight, const a
   TORCH_CHECK_VALUE(normalize || m2 == 0.0, "m2: must be 0 when normalize=False (an angular margin needs cosines), got ", m2);
 }
 
+bool reduction_is_mean(c10::string_view reduction) {
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum", "reduction: expected 'mean' or 'sum' with ",
+                    "gradients in the forward, got '", reduction, "'");
+  return reduction == "mean";
+}
+
 void check_code_values(const at::Tensor& codes, int64_t num_tokens, int64_t ignore_index) {
   const at::Tensor bad = (codes.lt(0) | codes.ge(num_tokens)) & codes.ne(ignore_index);
   if (!bad.any().item<bool>()) return;

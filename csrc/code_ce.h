@@ -41,6 +41,10 @@ void check_code_ce_inputs(const at::Tensor& x, const at::Tensor& weight, const a
                           const c10::optional<at::Tensor>& position_weight, double scale, double m2,
                           double m3, bool normalize);
 
+// Whether the reduction of a loss with gradients in the forward is "mean" (else "sum"); raises for
+// any other value.
+bool reduction_is_mean(c10::string_view reduction);
+
 // Raises naming the first code outside [0, V) that is not ignore_index. CPU tensors only.
 void check_code_values(const at::Tensor& codes, int64_t num_tokens, int64_t ignore_index);
 

@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <vector>
 
@@ -121,6 +122,98 @@ at::Tensor slice_or_undefined(const at::Tensor& t, int64_t b0, int64_t b1) {
   return t.defined() ? t.slice(0, b0, b1) : t;
 }
 
+// The factor tensors of a block of nb samples (see BackwardBlock), for the row step to fill.
+BackwardBlock backward_block(const Operands& o, const at::Tensor& codes, const at::Tensor& grad_loss,
+                             const at::Tensor& lse, int64_t b0, int64_t b1, double scale, double m2, double m3,
+                             int64_t ignore_index) {
+  const int64_t nb = b1 - b0, L = o.rows.size(0), V = o.rows.size(1);
+  const bool halves = o.rows.scalar_type() != o.acc;
+  const auto acc_options = o.position_weight.options();
+  const auto factor_options = acc_options.dtype(o.rows.scalar_type());
+  return {block_dots(o, b0, b1), slice_or_undefined(o.feat_norm, b0, b1), o.row_norm, codes.slice(0, b0, b1),
+          o.position_weight, grad_loss.slice(0, b0, b1), lse.slice(0, b0, b1),
+          at::empty({nb, L, V}, factor_options), at::empty({nb, L, V}, factor_options),
+          halves ? at::empty({nb, L, V}, factor_options) : at::Tensor(),
+          halves ? at::empty({nb, L, V}, factor_options) : at::Tensor(), at::empty({nb, L}, acc_options),
+          scale, m2, m3, ignore_index};
+}
+
+// The gradients being summed block by block: grad_feats (B, Lx, D) and grad_rows (L, V, D), in the
+// accumulation dtype, each undefined where it is not wanted.
+struct Gradients {
+  at::Tensor feats, rows;
+};
+
+Gradients empty_gradients(const Operands& o, std::array<bool, 2> output_mask) {
+  const auto options = o.position_weight.options();
+  const int64_t D = o.rows.size(2);
+  return {output_mask[0] ? at::empty({o.feats.size(0), o.feats.size(1), D}, options) : at::Tensor(),
+          output_mask[1] ? at::zeros(o.rows.sizes(), options) : at::Tensor()};
+}
+
+// The block's two gradient products from its factors: grad_feats of samples [b0, b1) (written) and
+// grad_rows (accumulated: sum_b grad_for_rows_bv * feat_b); then the chain rule of the features'
+// normalization for the block.
+void add_block_gradients(const Operands& o, int64_t b0, const BackwardBlock& blk, Gradients& grads) {
+  const int64_t nb = blk.dots.size(0), L = o.rows.size(0), V = o.rows.size(1), D = o.rows.size(2);
+  const int64_t b1 = b0 + nb;
+  const bool shared = o.feats.size(1) == 1;
+  const Parts for_feats = factor_parts(blk.grad_for_feats, blk.grad_for_feats_lo);
+  const Parts for_rows = factor_parts(blk.grad_for_rows, blk.grad_for_rows_lo);
+  const at::Tensor feats = o.feats.slice(0, b0, b1);
+  if (grads.feats.defined()) {
+    at::Tensor grad_block = grads.feats.slice(0, b0, b1);
+    at::Tensor feat_cos_dot = blk.feat_cos_dot;
+    if (shared) {
+      at::Tensor grad_block_2d = grad_block.view({nb, D});
+      const auto flat = [&](const at::Tensor& t) { return t.view({nb, L * V}); };
+      matmul_parts_into(grad_block_2d, map_parts(for_feats, flat), o.rows.reshape({L * V, D}), false);
+      if (blk.feat_norm.defined()) feat_cos_dot = feat_cos_dot.sum(1, /*keepdim=*/true);
+    } else {
+      at::Tensor grad_block_by_position = at::empty({L, nb, D}, grad_block.options());
+      const auto by_position = [](const at::Tensor& t) { return t.transpose(0, 1); };
+      matmul_parts_into(grad_block_by_position, map_parts(for_feats, by_position), o.rows, false);
+      grad_block.copy_(grad_block_by_position.transpose(0, 1));
+    }
+    if (blk.feat_norm.defined()) {
+      // Through v / ||v||: grad = (grad_unit - unit * (unit . grad_unit)) / ||v||, unit = v / ||v||.
+      const at::Tensor norm = blk.feat_norm.unsqueeze(-1);
+      grad_block.addcmul_(feats.to(o.acc), projection_coefficient(feat_cos_dot.unsqueeze(-1), norm), -1)
+          .div_(norm);
+    }
+  }
+  if (grads.rows.defined()) {
+    if (shared) {
+      at::Tensor grad_rows_2d = grads.rows.view({L * V, D});
+      const auto flat_t = [&](const at::Tensor& t) { return t.view({nb, L * V}).t(); };
+      matmul_parts_into(grad_rows_2d, map_parts(for_rows, flat_t), feats.squeeze(1), true);
+    } else {
+      const auto by_position_t = [](const at::Tensor& t) { return t.permute({1, 2, 0}); };
+      matmul_parts_into(grads.rows, map_parts(for_rows, by_position_t), feats.transpose(0, 1), true);
+    }
+  }
+}
+
+// The summed gradients as the op returns them: the rows' normalization chain rule applied, in the
+// inputs' dtypes and shapes; a gradient not wanted is an empty tensor.
+std::tuple<at::Tensor, at::Tensor> finish_gradients(const Operands& o, Gradients& grads, const at::Tensor& x,
+                                                    const at::Tensor& weight) {
+  if (grads.rows.defined() && o.row_norm.defined()) {
+    // The same for the rows, whose unit . grad_unit = sum_b dLoss/dcos * cos is grad_unit . w / ||w||
+    // (grad_unit = grads.rows: sum_b dLoss/dcos * unit feature).
+    const at::Tensor norm = o.row_norm.unsqueeze(-1);
+    const at::Tensor rows = o.rows.to(o.acc);
+    const at::Tensor row_cos_dot = at::linalg_vecdot(grads.rows, rows).unsqueeze(-1) / norm;
+    grads.rows.addcmul_(rows, projection_coefficient(row_cos_dot, norm), -1).div_(norm);
+  }
+  const at::Tensor grad_x = grads.feats.defined()
+      ? (x.dim() == 2 ? grads.feats.squeeze(1) : grads.feats).to(x.scalar_type())
+      : at::empty({0}, x.options());
+  const at::Tensor grad_weight = grads.rows.defined() ? grads.rows.to(weight.scalar_type())
+                                                      : at::empty({0}, weight.options());
+  return {grad_x, grad_weight};
+}
+
 }  // namespace
 
 at::Tensor position_weight_or_ones(const c10::optional<at::Tensor>& position_weight,
@@ -163,67 +256,52 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     const at::Tensor& codes, const c10::optional<at::Tensor>& position_weight,
     const at::Tensor& lse, double scale, double m2, double m3, bool normalize,
     int64_t ignore_index, int64_t block_elements, const BackwardRowStep& row_step) {
-  const int64_t B = x.size(0), L = weight.size(0), V = weight.size(1), D = weight.size(2);
+  const int64_t B = x.size(0), L = weight.size(0), V = weight.size(1);
   const Operands o = operands(x, weight, position_weight, normalize);
-  const bool shared = o.feats.size(1) == 1;
-  const auto operand = o.rows.scalar_type();
-  const bool halves = operand != o.acc;
   const at::Tensor codes64 = codes.to(at::kLong).contiguous();
   const at::Tensor grad_rows = grad_loss.to(o.acc).contiguous();
   const at::Tensor saved_lse = lse.to(o.acc).contiguous();
-  const auto acc_options = o.position_weight.options();
-  const auto factor_options = acc_options.dtype(operand);
-  at::Tensor grad_feats = at::empty({B, o.feats.size(1), D}, acc_options);
-  at::Tensor grad_rows_acc = at::zeros({L, V, D}, acc_options);  // sum_b grad_for_rows_bv * feat_b
+  Gradients grads = empty_gradients(o, {true, true});
   const int64_t rows_per_block = block_rows(L, V, block_elements);
   for (int64_t b0 = 0; b0 < B; b0 += rows_per_block) {
-    const int64_t b1 = std::min(B, b0 + rows_per_block), nb = b1 - b0;
-    at::Tensor grad_for_feats = at::empty({nb, L, V}, factor_options);
-    at::Tensor grad_for_rows = at::empty({nb, L, V}, factor_options);
-    at::Tensor feats_lo = halves ? at::empty({nb, L, V}, factor_options) : at::Tensor();
-    at::Tensor rows_lo = halves ? at::empty({nb, L, V}, factor_options) : at::Tensor();
-    at::Tensor feat_cos_dot = at::empty({nb, L}, acc_options);
-    const at::Tensor feat_norm = slice_or_undefined(o.feat_norm, b0, b1);
-    row_step({block_dots(o, b0, b1), feat_norm, o.row_norm, codes64.slice(0, b0, b1), o.position_weight,
-              grad_rows.slice(0, b0, b1), saved_lse.slice(0, b0, b1), grad_for_feats, grad_for_rows, feats_lo,
-              rows_lo, feat_cos_dot, scale, m2, m3, ignore_index});
-    const Parts for_feats = factor_parts(grad_for_feats, feats_lo);
-    const Parts for_rows = factor_parts(grad_for_rows, rows_lo);
-    const at::Tensor feats = o.feats.slice(0, b0, b1);
-    at::Tensor grad_block = grad_feats.slice(0, b0, b1);
-    if (shared) {
-      at::Tensor grad_block_2d = grad_block.view({nb, D});
-      const auto flat = [&](const at::Tensor& t) { return t.view({nb, L * V}); };
-      matmul_parts_into(grad_block_2d, map_parts(for_feats, flat), o.rows.reshape({L * V, D}), false);
-      at::Tensor grad_rows_2d = grad_rows_acc.view({L * V, D});
-      const auto flat_t = [&](const at::Tensor& t) { return t.view({nb, L * V}).t(); };
-      matmul_parts_into(grad_rows_2d, map_parts(for_rows, flat_t), feats.squeeze(1), true);
-      if (normalize) feat_cos_dot = feat_cos_dot.sum(1, /*keepdim=*/true);
-    } else {
-      at::Tensor grad_block_by_position = at::empty({L, nb, D}, acc_options);
-      const auto by_position = [](const at::Tensor& t) { return t.transpose(0, 1); };
-      matmul_parts_into(grad_block_by_position, map_parts(for_feats, by_position), o.rows, false);
-      grad_block.copy_(grad_block_by_position.transpose(0, 1));
-      const auto by_position_t = [](const at::Tensor& t) { return t.permute({1, 2, 0}); };
-      matmul_parts_into(grad_rows_acc, map_parts(for_rows, by_position_t), feats.transpose(0, 1), true);
-    }
-    if (normalize) {
-      // Through v / ||v||: grad = (grad_unit - unit * (unit . grad_unit)) / ||v||, unit = v / ||v||.
-      const at::Tensor norm = feat_norm.unsqueeze(-1);
-      grad_block.addcmul_(feats.to(o.acc), projection_coefficient(feat_cos_dot.unsqueeze(-1), norm), -1)
-          .div_(norm);
-    }
+    const int64_t b1 = std::min(B, b0 + rows_per_block);
+    const BackwardBlock blk = backward_block(o, codes64, grad_rows, saved_lse, b0, b1, scale, m2, m3, ignore_index);
+    row_step(blk);
+    add_block_gradients(o, b0, blk, grads);
   }
-  if (normalize) {
-    // The same for the rows, whose unit . grad_unit = sum_b dLoss/dcos * cos is grad_unit . w / ||w||
-    // (grad_unit = grad_rows_acc: sum_b dLoss/dcos * unit feature).
-    const at::Tensor norm = o.row_norm.unsqueeze(-1);
-    const at::Tensor rows = o.rows.to(o.acc);
-    const at::Tensor row_cos_dot = at::linalg_vecdot(grad_rows_acc, rows).unsqueeze(-1) / norm;
-    grad_rows_acc.addcmul_(rows, projection_coefficient(row_cos_dot, norm), -1).div_(norm);
+  return finish_gradients(o, grads, x, weight);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_code_ce_forward_grad(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& codes,
+    const c10::optional<at::Tensor>& position_weight, double scale, double m2, double m3,
+    bool normalize, int64_t ignore_index, bool mean, std::array<bool, 2> output_mask,
+    int64_t block_elements, const ForwardGradRowStep& row_step) {
+  const int64_t B = x.size(0), L = weight.size(0), V = weight.size(1);
+  const Operands o = operands(x, weight, position_weight, normalize);
+  const at::Tensor codes64 = codes.to(at::kLong).contiguous();
+  const auto acc_options = o.position_weight.options();
+  at::Tensor loss = at::empty({B, L}, acc_options);
+  at::Tensor lse = at::empty({B, L}, acc_options);
+  // Each row's weight in the reduced loss: the incoming gradient of every row.
+  const at::Tensor row_grad = at::full({B, L}, mean && B > 0 ? 1.0 / double(B) : 1.0, acc_options);
+  Gradients grads = empty_gradients(o, output_mask);
+  const int64_t rows_per_block = block_rows(L, V, block_elements);
+  for (int64_t b0 = 0; b0 < B; b0 += rows_per_block) {
+    const int64_t b1 = std::min(B, b0 + rows_per_block);
+    const BackwardBlock blk = backward_block(o, codes64, row_grad, lse, b0, b1, scale, m2, m3, ignore_index);
+    row_step({blk.dots, blk.feat_norm, blk.row_norm, blk.codes, blk.position_weight, loss.slice(0, b0, b1),
+              blk.lse, scale, m2, m3, ignore_index},
+             blk);
+    add_block_gradients(o, b0, blk, grads);
   }
-  at::Tensor grad_x = (x.dim() == 2 ? grad_feats.squeeze(1) : grad_feats).to(x.scalar_type());
-  return {grad_x, grad_rows_acc.to(weight.scalar_type())};
+  const auto [grad_x, grad_weight] = finish_gradients(o, grads, x, weight);
+  return {reduce_rows(loss, mean), grad_x, grad_weight};
+}
+
+at::Tensor reduce_rows(const at::Tensor& loss, bool mean) {
+  // "mean" of an empty batch is 0 / 0 = NaN, as F.cross_entropy's.
+  return mean ? loss.sum() / double(loss.size(0)) : loss.sum();
 }
 
 }  // namespace gif

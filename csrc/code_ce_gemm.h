@@ -4,12 +4,15 @@
 // by the norms into cosines and turns those into loss and lse (forward) or into the gradient factors
 // dLoss/dcos (backward); the gradients are two more products per block, with the factors sent as
 // hi + lo halves when the inputs are 16-bit (they hold terms of size `scale` that cancel down to
-// O(1)). Blocks bound the temporary memory, so no (B, L, V) tensor exists at once or is kept for
+// O(1)). With gradients in the forward (gemm_code_ce_forward_grad) one sweep does both: the dots, one
+// row step giving loss, lse and the factors, and the two gradient products: three products per training
+// step instead of four. Blocks bound the temporary memory, so no (B, L, V) tensor exists at once or is kept for
 // backward. The CPU kernels use this for every shape, the CUDA kernels beyond the small-V kernel.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <functional>
 #include <limits>
 
@@ -60,6 +63,10 @@ struct BackwardBlock {
   int64_t ignore_index;
 };
 using BackwardRowStep = std::function<void(const BackwardBlock&)>;
+// Both in one step: writes the forward block's loss and lse, then the backward block's factors from that
+// lse (the two blocks share dots, codes and lse; the backward block's grad_loss is each row's constant
+// weight in the reduced loss).
+using ForwardGradRowStep = std::function<void(const ForwardBlock&, const BackwardBlock&)>;
 
 // block_elements bounds the dot products of one block (the backward keeps about four such tensors).
 std::tuple<at::Tensor, at::Tensor> gemm_code_ce_forward(
@@ -72,6 +79,18 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     const at::Tensor& codes, const c10::optional<at::Tensor>& position_weight,
     const at::Tensor& lse, double scale, double m2, double m3, bool normalize,
     int64_t ignore_index, int64_t block_elements, const BackwardRowStep& row_step);
+
+// The reduced loss ("sum", or "mean" = sum / B) and its gradients in x and weight from one sweep, each
+// gradient computed only where output_mask asks for it (else an empty tensor). Returns (loss: 0-dim in
+// the accumulation dtype, grad_x, grad_weight).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_code_ce_forward_grad(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& codes,
+    const c10::optional<at::Tensor>& position_weight, double scale, double m2, double m3,
+    bool normalize, int64_t ignore_index, bool mean, std::array<bool, 2> output_mask,
+    int64_t block_elements, const ForwardGradRowStep& row_step);
+
+// Sum of the (B, L) loss rows, divided by B for "mean" (NaN for B = 0, as F.cross_entropy).
+at::Tensor reduce_rows(const at::Tensor& loss, bool mean);
 
 // Accumulation dtype of fused_code_ce: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType accumulation_type(const at::Tensor& x) {

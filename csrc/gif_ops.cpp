@@ -20,6 +20,13 @@ TORCH_LIBRARY(gif, m) {
       "code_ce_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor codes, "
       "Tensor? position_weight, Tensor lse, float scale, float m2, float m3, bool normalize, "
       "int ignore_index) -> (Tensor, Tensor)");
+  // Gradients in the forward: the reduced loss ("sum" or "mean") of the same rows and its gradients in
+  // x and weight (where output_mask asks, else empty tensors) from one sweep, for the autograd of
+  // fused_code_ce to scale by the incoming gradient: (loss (0-dim), grad_x, grad_weight).
+  m.def(
+      "code_ce_forward_grad(Tensor x, Tensor weight, Tensor codes, Tensor? position_weight, "
+      "float scale, float m2, float m3, bool normalize, int ignore_index, str reduction, "
+      "bool[2] output_mask) -> (Tensor, Tensor, Tensor)");
   // The Triton family takes one more argument: `deterministic` picks its backward (partial sums
   // added in a fixed order instead of atomics); the forward is the same either way.
   m.def(

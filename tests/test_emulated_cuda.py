@@ -17,7 +17,23 @@ def ops():
 
 
 def emulated_code_ce(ops):
-    """fused_code_ce through the emulated CUDA forward and backward ops."""
+    """fused_code_ce through the emulated CUDA ops, as gif_kernels.fused_code_ce calls them: for reduction
+    "mean" / "sum" with inputs that require grad the forward computes the gradients, else the forward
+    and backward ops."""
+    class CodeCEWithGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, codes, position_weight, *args):
+            ctx.output_mask = ctx.needs_input_grad[:2]
+            loss, grad_x, grad_weight = ops.code_ce_forward_grad(x, weight, codes, position_weight, *args,
+                                                                 list(ctx.output_mask))
+            ctx.save_for_backward(grad_x, grad_weight)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_loss):
+            grads = (g * grad_loss if wanted else None for g, wanted in zip(ctx.saved_tensors, ctx.output_mask))
+            return (*grads,) + (None,) * 8
+
     class CodeCE(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, weight, codes, position_weight, *args):
@@ -35,8 +51,10 @@ def emulated_code_ce(ops):
 
     def loss(x, weight, codes, position_weight, scale=64.0, m2=0.0, m3=0.0, normalize=True,
              ignore_index=-100, reduction="mean"):
-        rows = CodeCE.apply(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index)
-        return reference.reduce_loss(rows, reduction)
+        args = (x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index)
+        if reduction != "none" and (x.requires_grad or weight.requires_grad):
+            return CodeCEWithGrad.apply(*args, reduction)
+        return reference.reduce_loss(CodeCE.apply(*args), reduction)
 
     return loss
 
@@ -48,6 +66,15 @@ def emulated_code_ce(ops):
 def test_code_ce_kernel_boundaries(ops, B, L, V, D, shared, dtype):
     inputs = make_inputs(B, L, V, D, shared, dtype, seed=B + L + V + D)
     check_against_reference(emulated_code_ce(ops), inputs, **MARGINS["both"])
+
+
+@pytest.mark.parametrize("learn", [("x", "weight"), ("x",), ("weight",)], ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,L,V,D", CUDA_BOUNDARIES)
+def test_code_ce_gradients_in_forward(ops, B, L, V, D, dtype, learn):
+    inputs = make_inputs(B, L, V, D, (B + D) % 2 == 0, dtype, seed=B * V + D)
+    check_against_reference(emulated_code_ce(ops), inputs, reduction="mean" if V % 2 else "sum", learn=learn,
+                            **MARGINS["both"])
 
 
 @pytest.mark.parametrize("margin", list(MARGINS))
@@ -72,9 +99,10 @@ def float32_output_gemms():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("B,L,V,D,shared", [(9, 2, 300, 40, True), (6, 3, 70, 24, False), (5, 1, 5000, 16, True)])
-def test_code_ce_gemm_path_on_16bit_operands(ops, float32_output_gemms, B, L, V, D, shared, dtype):
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_code_ce_gemm_path_on_16bit_operands(ops, float32_output_gemms, B, L, V, D, shared, dtype, reduction):
     inputs = make_inputs(B, L, V, D, shared, dtype, seed=B + V)
-    check_against_reference(emulated_code_ce(ops), inputs, **MARGINS["both"])
+    check_against_reference(emulated_code_ce(ops), inputs, reduction=reduction, **MARGINS["both"])
 
 
 @pytest.mark.parametrize("V", [37, 300])

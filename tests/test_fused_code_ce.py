@@ -18,6 +18,94 @@ def test_shape_grid(B, L, V, D, shared):
     check_against_reference("cpu", inputs, **MARGINS[margin])
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
+@pytest.mark.parametrize("B,L,V,D", SIZES)
+def test_shape_grid_gradients_in_forward(B, L, V, D, shared):
+    """Reduction "mean" / "sum" with a fixed position_weight: the gradients come from the forward."""
+    margin = list(MARGINS)[(B + L + V + D + 1) % len(MARGINS)]
+    reduction = "mean" if (B + V) % 2 else "sum"
+    inputs = make_inputs(B, L, V, D, shared, torch.float32, seed=B * L * V * D + 1)
+    check_against_reference("cpu", inputs, reduction=reduction, learn=("x", "weight"), **MARGINS[margin])
+
+
+@pytest.mark.parametrize("learn", [(), ("x",), ("weight",), ("x", "weight"), ("x", "weight", "position_weight"),
+                                   ("position_weight",)], ids=lambda learn: "+".join(learn) or "frozen")
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_combination_of_requires_grad(reduction, learn, dtype):
+    inputs = make_inputs(11, 3, 37, 20, reduction != "sum", dtype, seed=len(learn))
+    check_against_reference("cpu", inputs, reduction=reduction, learn=learn, **MARGINS["both"])
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_autograd_semantics(reduction):
+    """Scaled, repeated and accumulated backward, a frozen input, and double backward, on both paths:
+    gradients in the forward (sum, mean) and recomputed in the backward (none)."""
+    inputs = make_inputs(9, 3, 37, 16, True, torch.float64, seed=15)
+    upstream = inputs["grad_rows"] if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+
+    def loss_of(x, weight, backend="cpu"):
+        return gif_kernels.fused_code_ce(x, weight, inputs["codes"], inputs["position_weight"], m3=0.4,
+                                         reduction=reduction, backend=backend)
+
+    x = inputs["x"].clone().requires_grad_()
+    weight = inputs["weight"].clone().requires_grad_()
+    expected = torch.autograd.grad(loss_of(x, weight, "reference"), (x, weight), upstream)
+    loss = loss_of(x, weight)
+    assert ("forward_grad" in type(loss.grad_fn).__name__) == (reduction != "none")
+    (3 * loss).backward(upstream, retain_graph=True)
+    torch.testing.assert_close(x.grad, 3 * expected[0])
+    loss.backward(upstream)  # a second backward through the retained graph accumulates
+    torch.testing.assert_close(x.grad, 4 * expected[0])
+    torch.testing.assert_close(weight.grad, 4 * expected[1])
+    loss_of(x, weight).backward(upstream)  # a new graph accumulates into .grad as well
+    torch.testing.assert_close(weight.grad, 5 * expected[1])
+    frozen = inputs["weight"].clone()
+    x.grad = None
+    loss_of(x, frozen).backward(upstream)
+    assert frozen.grad is None
+    torch.testing.assert_close(x.grad, expected[0])
+    grad_x, = torch.autograd.grad(loss_of(x, weight), x, upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|double backward|not supported|derivative"):
+        grad_x.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(loss_of(x, weight), loss_of(x, weight, "reference"))
+
+
+def test_gradients_in_forward_take_three_matrix_products():
+    """A training step (forward + backward) with reduction "mean" or "sum": three GEMM-family calls, whose
+    FLOPs are those of the three products 6 * B * L * V * D, and no recompute."""
+    gemms = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+             "aten::matmul"}
+    for B, L, V, D, shared, reduction in ((64, 6, 16, 32, True, "mean"), (32, 2, 300, 24, True, "sum"),
+                                          (16, 3, 40, 8, False, "mean")):
+        inputs = make_inputs(B, L, V, D, shared, torch.float32, seed=V)
+        x = inputs["x"].requires_grad_()
+        weight = inputs["weight"].requires_grad_()
+        with torch.profiler.profile(record_shapes=True) as prof:
+            gif_kernels.fused_code_ce(x, weight, inputs["codes"], reduction=reduction, backend="cpu").backward()
+        # The outermost GEMM-family calls (matmul's own mm is not counted twice).
+        calls = [e for e in prof.events() if e.name in gemms and not any(
+            parent.name in gemms for parent in _parents(e))]
+        flops = sum(2 * _gemm_size(e) for e in calls)
+        assert len(calls) == 3, [(e.name, e.input_shapes) for e in calls]
+        assert flops <= 6 * B * L * V * D, (flops, [(e.name, e.input_shapes) for e in calls])
+
+
+def _parents(event):
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        yield event
+
+
+def _gemm_size(event):
+    """m * n * k of a recorded mm / addmm / bmm / baddbmm call (times the batch)."""
+    shapes = [s for s in event.input_shapes if len(s) >= 2]
+    a, b = shapes[-2], shapes[-1]
+    batch = a[0] if len(a) == 3 else 1
+    return batch * a[-2] * a[-1] * b[-1]
+
+
 @pytest.mark.parametrize("margin", list(MARGINS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "per_position_x"])
@@ -106,6 +194,16 @@ def test_gradcheck(margin, shared):
 @pytest.mark.parametrize("sample", list(range(3)))
 def test_opcheck_forward_and_backward(sample):
     opcheck_family("code_ce", list(op_samples("cpu"))[sample])
+
+
+@pytest.mark.parametrize("output_mask", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("sample", list(range(3)))
+def test_opcheck_forward_grad(sample, output_mask):
+    args = list(op_samples("cpu"))[sample]
+    args[0].requires_grad_(output_mask[0])
+    args[1].requires_grad_(output_mask[1])
+    for reduction in ("mean", "sum"):
+        torch.library.opcheck(torch.ops.gif.code_ce_forward_grad, (*args, reduction, list(output_mask)))
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
