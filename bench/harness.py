@@ -11,6 +11,7 @@ import time
 from decimal import Decimal, DecimalException
 
 import torch
+import torch.nn.functional as F
 
 MAX_COUNT = 10**12  # counts past this are a typo, and would make the analytic figures meaningless
 COUNT_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
@@ -50,6 +51,22 @@ def median_ms(fn, device, repeats):
     for _ in range(3):
         fn()
     return statistics.median(times_ms(fn, device, repeats))
+
+
+# ----------------------------------------------------------------------------- the baseline head
+
+def plain_code_head(x, weight, codes, scale=64.0, m2=0.0, m3=0.0):
+    """The code head as a user writes it in plain PyTorch, the baseline the fused op is measured against:
+    normalize, einsum, the margin on the one-hot target (ArcFace through torch.where on cos(acos(c) + m2)),
+    F.cross_entropy over every position, summed and divided by the batch (fused_code_ce's "mean"). Logits
+    in float32, as insightface computes them."""
+    num_tokens = weight.shape[1]
+    cos = torch.einsum("bd,lvd->blv", F.normalize(x, dim=-1), F.normalize(weight, dim=-1)).float()
+    target = F.one_hot(codes, num_tokens).bool()
+    if m2 > 0:
+        cos = torch.where(target, torch.cos(torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7)) + m2), cos)
+    logits = scale * (cos - m3 * target)
+    return F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="sum") / x.shape[0]
 
 
 # ----------------------------------------------------------------------------- command lines

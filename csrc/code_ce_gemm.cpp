@@ -112,10 +112,14 @@ int64_t block_rows(int64_t L, int64_t V, int64_t block_elements) {
   return std::max<int64_t>(1, block_elements / (L * V));
 }
 
-// cos_dot / ||v|| (clamped norms), the coefficient of v in the component that normalization removes;
-// 0 below eps, where the norm is the constant eps (the gradient of F.normalize there).
-at::Tensor projection_coefficient(const at::Tensor& cos_dot, const at::Tensor& norm) {
-  return at::where(norm > kNormEps, cos_dot / norm, at::zeros({}, cos_dot.options()));
+// The chain rule through v / ||v|| for the gradient grad_unit of the unit vectors (in place, last
+// dimension): grad = (grad_unit - unit * (unit . grad_unit)) / ||v||. The dot is taken of the computed
+// gradient itself, so that its rounding cancels in the difference. Below eps (clamped norms) the
+// divisor is the constant eps and nothing is removed (the gradient of F.normalize there).
+void remove_normal_component(at::Tensor& grad_unit, const at::Tensor& v, const at::Tensor& norm) {
+  const at::Tensor coefficient = at::linalg_vecdot(grad_unit, v).unsqueeze(-1) / (norm * norm);
+  grad_unit.addcmul_(v, at::where(norm > kNormEps, coefficient, at::zeros({}, coefficient.options())), -1)
+      .div_(norm);
 }
 
 at::Tensor slice_or_undefined(const at::Tensor& t, int64_t b0, int64_t b1) {
@@ -134,8 +138,7 @@ BackwardBlock backward_block(const Operands& o, const at::Tensor& codes, const a
           o.position_weight, grad_loss.slice(0, b0, b1), lse.slice(0, b0, b1),
           at::empty({nb, L, V}, factor_options), at::empty({nb, L, V}, factor_options),
           halves ? at::empty({nb, L, V}, factor_options) : at::Tensor(),
-          halves ? at::empty({nb, L, V}, factor_options) : at::Tensor(), at::empty({nb, L}, acc_options),
-          scale, m2, m3, ignore_index};
+          halves ? at::empty({nb, L, V}, factor_options) : at::Tensor(), scale, m2, m3, ignore_index};
 }
 
 // The gradients being summed block by block: grad_feats (B, Lx, D) and grad_rows (L, V, D), in the
@@ -147,13 +150,18 @@ struct Gradients {
 Gradients empty_gradients(const Operands& o, std::array<bool, 2> output_mask) {
   const auto options = o.position_weight.options();
   const int64_t D = o.rows.size(2);
-  return {output_mask[0] ? at::empty({o.feats.size(0), o.feats.size(1), D}, options) : at::Tensor(),
-          output_mask[1] ? at::zeros(o.rows.sizes(), options) : at::Tensor()};
+  // The first block writes grad_rows, the others add to it (zeros only when there is no block).
+  Gradients grads;
+  if (output_mask[0]) grads.feats = at::empty({o.feats.size(0), o.feats.size(1), D}, options);
+  if (output_mask[1]) {
+    grads.rows = o.feats.size(0) > 0 ? at::empty(o.rows.sizes(), options) : at::zeros(o.rows.sizes(), options);
+  }
+  return grads;
 }
 
 // The block's two gradient products from its factors: grad_feats of samples [b0, b1) (written) and
-// grad_rows (accumulated: sum_b grad_for_rows_bv * feat_b); then the chain rule of the features'
-// normalization for the block.
+// grad_rows (sum_b grad_for_rows_bv * feat_b: written by the first block, added to by the others); then
+// the chain rule of the features' normalization for the block.
 void add_block_gradients(const Operands& o, int64_t b0, const BackwardBlock& blk, Gradients& grads) {
   const int64_t nb = blk.dots.size(0), L = o.rows.size(0), V = o.rows.size(1), D = o.rows.size(2);
   const int64_t b1 = b0 + nb;
@@ -163,33 +171,26 @@ void add_block_gradients(const Operands& o, int64_t b0, const BackwardBlock& blk
   const at::Tensor feats = o.feats.slice(0, b0, b1);
   if (grads.feats.defined()) {
     at::Tensor grad_block = grads.feats.slice(0, b0, b1);
-    at::Tensor feat_cos_dot = blk.feat_cos_dot;
     if (shared) {
       at::Tensor grad_block_2d = grad_block.view({nb, D});
       const auto flat = [&](const at::Tensor& t) { return t.view({nb, L * V}); };
       matmul_parts_into(grad_block_2d, map_parts(for_feats, flat), o.rows.reshape({L * V, D}), false);
-      if (blk.feat_norm.defined()) feat_cos_dot = feat_cos_dot.sum(1, /*keepdim=*/true);
     } else {
       at::Tensor grad_block_by_position = at::empty({L, nb, D}, grad_block.options());
       const auto by_position = [](const at::Tensor& t) { return t.transpose(0, 1); };
       matmul_parts_into(grad_block_by_position, map_parts(for_feats, by_position), o.rows, false);
       grad_block.copy_(grad_block_by_position.transpose(0, 1));
     }
-    if (blk.feat_norm.defined()) {
-      // Through v / ||v||: grad = (grad_unit - unit * (unit . grad_unit)) / ||v||, unit = v / ||v||.
-      const at::Tensor norm = blk.feat_norm.unsqueeze(-1);
-      grad_block.addcmul_(feats.to(o.acc), projection_coefficient(feat_cos_dot.unsqueeze(-1), norm), -1)
-          .div_(norm);
-    }
+    if (blk.feat_norm.defined()) remove_normal_component(grad_block, feats.to(o.acc), blk.feat_norm.unsqueeze(-1));
   }
   if (grads.rows.defined()) {
     if (shared) {
       at::Tensor grad_rows_2d = grads.rows.view({L * V, D});
       const auto flat_t = [&](const at::Tensor& t) { return t.view({nb, L * V}).t(); };
-      matmul_parts_into(grad_rows_2d, map_parts(for_rows, flat_t), feats.squeeze(1), true);
+      matmul_parts_into(grad_rows_2d, map_parts(for_rows, flat_t), feats.squeeze(1), b0 > 0);
     } else {
       const auto by_position_t = [](const at::Tensor& t) { return t.permute({1, 2, 0}); };
-      matmul_parts_into(grads.rows, map_parts(for_rows, by_position_t), feats.transpose(0, 1), true);
+      matmul_parts_into(grads.rows, map_parts(for_rows, by_position_t), feats.transpose(0, 1), b0 > 0);
     }
   }
 }
@@ -199,12 +200,7 @@ void add_block_gradients(const Operands& o, int64_t b0, const BackwardBlock& blk
 std::tuple<at::Tensor, at::Tensor> finish_gradients(const Operands& o, Gradients& grads, const at::Tensor& x,
                                                     const at::Tensor& weight) {
   if (grads.rows.defined() && o.row_norm.defined()) {
-    // The same for the rows, whose unit . grad_unit = sum_b dLoss/dcos * cos is grad_unit . w / ||w||
-    // (grad_unit = grads.rows: sum_b dLoss/dcos * unit feature).
-    const at::Tensor norm = o.row_norm.unsqueeze(-1);
-    const at::Tensor rows = o.rows.to(o.acc);
-    const at::Tensor row_cos_dot = at::linalg_vecdot(grads.rows, rows).unsqueeze(-1) / norm;
-    grads.rows.addcmul_(rows, projection_coefficient(row_cos_dot, norm), -1).div_(norm);
+    remove_normal_component(grads.rows, o.rows.to(o.acc), o.row_norm.unsqueeze(-1));
   }
   const at::Tensor grad_x = grads.feats.defined()
       ? (x.dim() == 2 ? grads.feats.squeeze(1) : grads.feats).to(x.scalar_type())

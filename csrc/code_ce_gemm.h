@@ -58,7 +58,6 @@ struct BackwardBlock {
   at::Tensor grad_for_feats;   // out: (nb, L, V) contiguous, dLoss/dcos / row_norm (0 on ignored rows)
   at::Tensor grad_for_rows;    // out: (nb, L, V) contiguous, dLoss/dcos / feat_norm
   at::Tensor grad_for_feats_lo, grad_for_rows_lo;  // out: low halves, or undefined
-  at::Tensor feat_cos_dot;     // out: (nb, L), sum_v dLoss/dcos * cos
   double scale, m2, m3;
   int64_t ignore_index;
 };

@@ -2,9 +2,15 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include <string>
+
 #ifndef GIF_CUDA_ARCHS
 #define GIF_CUDA_ARCHS ""
 #endif
+
+namespace gif {
+std::string cpu_row_steps_capability();  // csrc/cpu/code_ce_rows.h
+}
 
 namespace {
 
@@ -22,6 +28,7 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+  info["cpu_capability"] = gif::cpu_row_steps_capability();
   return info;
 }
 
@@ -31,5 +38,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gif-kernels compiled ops (torch.ops.gif) and build information";
   m.def("build_info", &build_info,
         "dict: torch_version the extension was built against, cuda (whether CUDA kernels were "
-        "compiled), cuda_archs (their architectures, e.g. '9.0'), openmp");
+        "compiled), cuda_archs (their architectures, e.g. '9.0'), openmp, cpu_capability (the instruction "
+        "set the CPU kernels' row steps run with: DEFAULT, AVX2 or AVX512)");
 }

@@ -53,13 +53,15 @@ def test_autograd_semantics(reduction):
     expected = torch.autograd.grad(loss_of(x, weight, "reference"), (x, weight), upstream)
     loss = loss_of(x, weight)
     assert ("forward_grad" in type(loss.grad_fn).__name__) == (reduction != "none")
-    (3 * loss).backward(upstream, retain_graph=True)
-    torch.testing.assert_close(x.grad, 3 * expected[0])
-    loss.backward(upstream)  # a second backward through the retained graph accumulates
-    torch.testing.assert_close(x.grad, 4 * expected[0])
-    torch.testing.assert_close(weight.grad, 4 * expected[1])
-    loss_of(x, weight).backward(upstream)  # a new graph accumulates into .grad as well
+    loss.backward(upstream, retain_graph=True)
+    torch.testing.assert_close(x.grad, expected[0])
+    loss.backward(upstream, retain_graph=True)  # a second backward through the retained graph accumulates
+    torch.testing.assert_close(x.grad, 2 * expected[0])
+    (3 * loss).backward(upstream)  # scaled
+    torch.testing.assert_close(x.grad, 5 * expected[0])
     torch.testing.assert_close(weight.grad, 5 * expected[1])
+    loss_of(x, weight).backward(upstream)  # a new graph accumulates into .grad as well
+    torch.testing.assert_close(weight.grad, 6 * expected[1])
     frozen = inputs["weight"].clone()
     x.grad = None
     loss_of(x, frozen).backward(upstream)

@@ -80,13 +80,12 @@ __device__ __forceinline__ void store_operand(T value, O* hi, O* lo, int64_t i) 
 template <typename T, typename O>
 __global__ void __launch_bounds__(kThreads)
 gemm_backward_rows_kernel(DotRows<T> a, const T* grad_loss, const T* lse, O* grad_for_feats, O* grad_for_feats_lo,
-                          O* grad_for_rows, O* grad_for_rows_lo, T* feat_cos_dot) {
+                          O* grad_for_rows, O* grad_for_rows_lo) {
   const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= a.rows) return;
   const DotRow<T> r(a, row);
   const T row_grad = r.tg.valid ? grad_loss[row] * a.position_weight[r.j] : r.tg.ignored ? T(0) : quiet_nan<T>();
-  T dot = 0;
   for (int64_t v = lane; v < a.V; v += kWarp) {
     const T c = a.cos(r.dots, r.j, v, r.norm);
     const T g = r.tg.ignored ? T(0)
@@ -94,10 +93,7 @@ gemm_backward_rows_kernel(DotRows<T> a, const T* grad_loss, const T* lse, O* gra
     store_operand(a.feat_norm ? g / a.row_norm[r.j * a.V + v] : g, grad_for_feats, grad_for_feats_lo,
                   row * a.V + v);
     store_operand(g / r.norm, grad_for_rows, grad_for_rows_lo, row * a.V + v);
-    dot += g * c;
   }
-  dot = warp_sum(dot);
-  if (lane == 0) feat_cos_dot[row] = dot;
 }
 
 template <typename T>
@@ -118,8 +114,7 @@ void launch_backward_rows_as(const DotRows<T>& a, const BackwardBlock& blk) {
   const auto lo = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<O>() : nullptr; };
   gemm_backward_rows_kernel<T, O><<<row_blocks(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       a, blk.grad_loss.data_ptr<T>(), blk.lse.data_ptr<T>(), blk.grad_for_feats.data_ptr<O>(),
-      lo(blk.grad_for_feats_lo), blk.grad_for_rows.data_ptr<O>(), lo(blk.grad_for_rows_lo),
-      blk.feat_cos_dot.data_ptr<T>());
+      lo(blk.grad_for_feats_lo), blk.grad_for_rows.data_ptr<O>(), lo(blk.grad_for_rows_lo));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

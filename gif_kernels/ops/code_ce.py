@@ -242,9 +242,13 @@ def _forward_grad_setup_context(ctx, inputs, output):
 
 
 def _forward_grad_backward(ctx, grad_loss, _grad_x, _grad_weight):
-    saved = ctx.saved_tensors
-    grad_x, grad_weight = (grad * grad_loss.to(grad.dtype) if wanted else None
-                           for grad, wanted in zip(saved, ctx.output_mask))
+    # loss.backward() sends 1: then the saved gradients are the gradients, without a pass over tensors
+    # of weight's size (autograd copies them where it must, e.g. for a retained graph). The test costs
+    # a device sync on CUDA, and a traced graph (torch.compile, opcheck: tensor subclasses) cannot
+    # branch on data, so it is made for plain CPU tensors only.
+    unit = type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
+    grad_x, grad_weight = (None if not wanted else grad if unit else grad * grad_loss.to(grad.dtype)
+                           for grad, wanted in zip(ctx.saved_tensors, ctx.output_mask))
     return (grad_x, grad_weight) + (None,) * 9
 
 
