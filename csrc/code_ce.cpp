@@ -53,12 +53,17 @@ bool reduction_is_mean(c10::string_view reduction) {
 }
 
 void check_code_values(const at::Tensor& codes, int64_t num_tokens, int64_t ignore_index) {
-  const at::Tensor bad = (codes.lt(0) | codes.ge(num_tokens)) & codes.ne(ignore_index);
-  if (!bad.any().item<bool>()) return;
-  const at::Tensor where = bad.nonzero()[0];
-  const int64_t b = where[0].item<int64_t>(), j = where[1].item<int64_t>();
-  TORCH_CHECK_VALUE(false, "codes: values must be in [0, V) = [0, ", num_tokens, ") or equal ignore_index (",
-                    ignore_index, "); found ", codes[b][j].item<int64_t>(), " at [", b, ", ", j, "]");
+  TORCH_INTERNAL_ASSERT(codes.device().is_cpu(), "check_code_values reads codes on the host");
+  // One pass on the host: the batch's few codes cost less than the tensor operations' dispatch.
+  const at::Tensor values = codes.to(at::kLong).contiguous();
+  const int64_t* code = values.data_ptr<int64_t>();
+  const int64_t L = values.size(1);  // (B, L), as check_code_ce_inputs checked
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    const int64_t c = code[i];
+    TORCH_CHECK_VALUE((c >= 0 && c < num_tokens) || c == ignore_index, "codes: values must be in [0, V) = [0, ",
+                      num_tokens, ") or equal ignore_index (", ignore_index, "); found ", c, " at [", i / L, ", ",
+                      i % L, "]");
+  }
 }
 
 }  // namespace gif

@@ -112,16 +112,6 @@ int64_t block_rows(int64_t L, int64_t V, int64_t block_elements) {
   return std::max<int64_t>(1, block_elements / (L * V));
 }
 
-// The chain rule through v / ||v|| for the gradient grad_unit of the unit vectors (in place, last
-// dimension): grad = (grad_unit - unit * (unit . grad_unit)) / ||v||. The dot is taken of the computed
-// gradient itself, so that its rounding cancels in the difference. Below eps (clamped norms) the
-// divisor is the constant eps and nothing is removed (the gradient of F.normalize there).
-void remove_normal_component(at::Tensor& grad_unit, const at::Tensor& v, const at::Tensor& norm) {
-  const at::Tensor coefficient = at::linalg_vecdot(grad_unit, v).unsqueeze(-1) / (norm * norm);
-  grad_unit.addcmul_(v, at::where(norm > kNormEps, coefficient, at::zeros({}, coefficient.options())), -1)
-      .div_(norm);
-}
-
 at::Tensor slice_or_undefined(const at::Tensor& t, int64_t b0, int64_t b1) {
   return t.defined() ? t.slice(0, b0, b1) : t;
 }
@@ -162,7 +152,8 @@ Gradients empty_gradients(const Operands& o, std::array<bool, 2> output_mask) {
 // The block's two gradient products from its factors: grad_feats of samples [b0, b1) (written) and
 // grad_rows (sum_b grad_for_rows_bv * feat_b: written by the first block, added to by the others); then
 // the chain rule of the features' normalization for the block.
-void add_block_gradients(const Operands& o, int64_t b0, const BackwardBlock& blk, Gradients& grads) {
+void add_block_gradients(const Operands& o, int64_t b0, const BackwardBlock& blk, Gradients& grads,
+                         const NormalStep& normal_step) {
   const int64_t nb = blk.dots.size(0), L = o.rows.size(0), V = o.rows.size(1), D = o.rows.size(2);
   const int64_t b1 = b0 + nb;
   const bool shared = o.feats.size(1) == 1;
@@ -181,7 +172,7 @@ void add_block_gradients(const Operands& o, int64_t b0, const BackwardBlock& blk
       matmul_parts_into(grad_block_by_position, map_parts(for_feats, by_position), o.rows, false);
       grad_block.copy_(grad_block_by_position.transpose(0, 1));
     }
-    if (blk.feat_norm.defined()) remove_normal_component(grad_block, feats.to(o.acc), blk.feat_norm.unsqueeze(-1));
+    if (blk.feat_norm.defined()) normal_step(grad_block, feats.to(o.acc), blk.feat_norm.unsqueeze(-1));
   }
   if (grads.rows.defined()) {
     if (shared) {
@@ -198,9 +189,9 @@ void add_block_gradients(const Operands& o, int64_t b0, const BackwardBlock& blk
 // The summed gradients as the op returns them: the rows' normalization chain rule applied, in the
 // inputs' dtypes and shapes; a gradient not wanted is an empty tensor.
 std::tuple<at::Tensor, at::Tensor> finish_gradients(const Operands& o, Gradients& grads, const at::Tensor& x,
-                                                    const at::Tensor& weight) {
+                                                    const at::Tensor& weight, const NormalStep& normal_step) {
   if (grads.rows.defined() && o.row_norm.defined()) {
-    remove_normal_component(grads.rows, o.rows.to(o.acc), o.row_norm.unsqueeze(-1));
+    normal_step(grads.rows, o.rows.to(o.acc), o.row_norm.unsqueeze(-1));
   }
   const at::Tensor grad_x = grads.feats.defined()
       ? (x.dim() == 2 ? grads.feats.squeeze(1) : grads.feats).to(x.scalar_type())
@@ -211,6 +202,12 @@ std::tuple<at::Tensor, at::Tensor> finish_gradients(const Operands& o, Gradients
 }
 
 }  // namespace
+
+void remove_normal_component(at::Tensor& grad_unit, const at::Tensor& v, const at::Tensor& norm) {
+  const at::Tensor coefficient = at::linalg_vecdot(grad_unit, v).unsqueeze(-1) / (norm * norm);
+  grad_unit.addcmul_(v, at::where(norm > kNormEps, coefficient, at::zeros({}, coefficient.options())), -1)
+      .div_(norm);
+}
 
 at::Tensor position_weight_or_ones(const c10::optional<at::Tensor>& position_weight,
                                    const at::Tensor& weight, at::ScalarType acc) {
@@ -251,7 +248,8 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& codes, const c10::optional<at::Tensor>& position_weight,
     const at::Tensor& lse, double scale, double m2, double m3, bool normalize,
-    int64_t ignore_index, int64_t block_elements, const BackwardRowStep& row_step) {
+    int64_t ignore_index, int64_t block_elements, const BackwardRowStep& row_step,
+    const NormalStep& normal_step) {
   const int64_t B = x.size(0), L = weight.size(0), V = weight.size(1);
   const Operands o = operands(x, weight, position_weight, normalize);
   const at::Tensor codes64 = codes.to(at::kLong).contiguous();
@@ -263,16 +261,16 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     const int64_t b1 = std::min(B, b0 + rows_per_block);
     const BackwardBlock blk = backward_block(o, codes64, grad_rows, saved_lse, b0, b1, scale, m2, m3, ignore_index);
     row_step(blk);
-    add_block_gradients(o, b0, blk, grads);
+    add_block_gradients(o, b0, blk, grads, normal_step);
   }
-  return finish_gradients(o, grads, x, weight);
+  return finish_gradients(o, grads, x, weight, normal_step);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_code_ce_forward_grad(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& codes,
     const c10::optional<at::Tensor>& position_weight, double scale, double m2, double m3,
     bool normalize, int64_t ignore_index, bool mean, std::array<bool, 2> output_mask,
-    int64_t block_elements, const ForwardGradRowStep& row_step) {
+    int64_t block_elements, const ForwardGradRowStep& row_step, const NormalStep& normal_step) {
   const int64_t B = x.size(0), L = weight.size(0), V = weight.size(1);
   const Operands o = operands(x, weight, position_weight, normalize);
   const at::Tensor codes64 = codes.to(at::kLong).contiguous();
@@ -289,9 +287,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_code_ce_forward_grad(
     row_step({blk.dots, blk.feat_norm, blk.row_norm, blk.codes, blk.position_weight, loss.slice(0, b0, b1),
               blk.lse, scale, m2, m3, ignore_index},
              blk);
-    add_block_gradients(o, b0, blk, grads);
+    add_block_gradients(o, b0, blk, grads, normal_step);
   }
-  const auto [grad_x, grad_weight] = finish_gradients(o, grads, x, weight);
+  const auto [grad_x, grad_weight] = finish_gradients(o, grads, x, weight, normal_step);
   return {reduce_rows(loss, mean), grad_x, grad_weight};
 }
 

@@ -67,6 +67,15 @@ using BackwardRowStep = std::function<void(const BackwardBlock&)>;
 // weight in the reduced loss).
 using ForwardGradRowStep = std::function<void(const ForwardBlock&, const BackwardBlock&)>;
 
+// The chain rule through v / ||v|| for the gradient grad_unit of the unit vectors, in place along the last
+// dimension: grad = (grad_unit - unit * (unit . grad_unit)) / ||v||, norm being ||v|| clamped to kNormEps
+// with a trailing dimension of 1. The dot is taken of the computed gradient itself, so that its rounding
+// cancels in the difference. Below eps the divisor is the constant eps and nothing is removed (the
+// gradient of F.normalize there). remove_normal_component does it with ATen operations on any device; a
+// device may pass its own fused loop to the driver (the CPU does: one pass instead of five).
+using NormalStep = std::function<void(at::Tensor& grad_unit, const at::Tensor& v, const at::Tensor& norm)>;
+void remove_normal_component(at::Tensor& grad_unit, const at::Tensor& v, const at::Tensor& norm);
+
 // block_elements bounds the dot products of one block (the backward keeps about four such tensors).
 std::tuple<at::Tensor, at::Tensor> gemm_code_ce_forward(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& codes,
@@ -77,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor> gemm_code_ce_backward(
     const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& codes, const c10::optional<at::Tensor>& position_weight,
     const at::Tensor& lse, double scale, double m2, double m3, bool normalize,
-    int64_t ignore_index, int64_t block_elements, const BackwardRowStep& row_step);
+    int64_t ignore_index, int64_t block_elements, const BackwardRowStep& row_step,
+    const NormalStep& normal_step = remove_normal_component);
 
 // The reduced loss ("sum", or "mean" = sum / B) and its gradients in x and weight from one sweep, each
 // gradient computed only where output_mask asks for it (else an empty tensor). Returns (loss: 0-dim in
@@ -86,7 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_code_ce_forward_grad(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& codes,
     const c10::optional<at::Tensor>& position_weight, double scale, double m2, double m3,
     bool normalize, int64_t ignore_index, bool mean, std::array<bool, 2> output_mask,
-    int64_t block_elements, const ForwardGradRowStep& row_step);
+    int64_t block_elements, const ForwardGradRowStep& row_step,
+    const NormalStep& normal_step = remove_normal_component);
 
 // Sum of the (B, L) loss rows, divided by B for "mean" (NaN for B = 0, as F.cross_entropy).
 at::Tensor reduce_rows(const at::Tensor& loss, bool mean);

@@ -28,7 +28,8 @@ std::tuple<at::Tensor, at::Tensor> code_ce_backward_cpu(
   check_backward_rows(grad_loss, lse, codes);
   check_code_values(codes, weight.size(1), ignore_index);
   return gemm_code_ce_backward(grad_loss, x, weight, codes, position_weight, lse, scale, m2, m3,
-                               normalize, ignore_index, kBlockElements, cpu_row_steps().backward);
+                               normalize, ignore_index, kBlockElements, cpu_row_steps().backward,
+                               cpu_row_steps().normal_component);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> code_ce_forward_grad_cpu(
@@ -39,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_ce_forward_grad_cpu(
   const bool mean = reduction_is_mean(reduction);
   check_code_values(codes, weight.size(1), ignore_index);
   return gemm_code_ce_forward_grad(x, weight, codes, position_weight, scale, m2, m3, normalize, ignore_index,
-                                   mean, output_mask, kBlockElements, cpu_row_steps().forward_grad);
+                                   mean, output_mask, kBlockElements, cpu_row_steps().forward_grad,
+                                   cpu_row_steps().normal_component);
 }
 
 }  // namespace

@@ -41,6 +41,7 @@ struct RowSteps {
   ForwardRowStep forward;
   BackwardRowStep backward;
   ForwardGradRowStep forward_grad;
+  NormalStep normal_component;
 };
 
 namespace DEFAULT {

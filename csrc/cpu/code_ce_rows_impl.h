@@ -207,9 +207,36 @@ void forward_grad_rows(const ForwardBlock& fwd, const BackwardBlock& blk) {
   });
 }
 
+// remove_normal_component (code_ce_gemm.h) as one pass per vector: the dot and the update of a D-long
+// row stay in L1, where the ATen composite makes five passes over tensors of x's or weight's size.
+void normal_component_rows(at::Tensor& grad_unit, const at::Tensor& v, const at::Tensor& norm) {
+  const int64_t D = grad_unit.size(-1), N = D > 0 ? grad_unit.numel() / D : 0;
+  TORCH_INTERNAL_ASSERT(grad_unit.is_contiguous(), "code_ce CPU rows: the gradient must be contiguous");
+  const at::Tensor vectors = v.contiguous(), norms = norm.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(grad_unit.scalar_type(), "code_ce_normal_component", [&] {
+    using Vec = Vectorized<scalar_t>;
+    scalar_t* grad = grad_unit.data_ptr<scalar_t>();
+    const scalar_t* vec = vectors.data_ptr<scalar_t>();
+    const scalar_t* norm_of = norms.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(D, 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* g = grad + n * D;
+        const scalar_t* u = vec + n * D;
+        const scalar_t length = norm_of[n];
+        const scalar_t dot = at::vec::map2_reduce_all<scalar_t>(
+            [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, g, u, D);
+        const scalar_t coefficient = length > scalar_t(kNormEps) ? dot / (length * length) : scalar_t(0);
+        at::vec::map2([coefficient, length](Vec a, Vec b) { return (a - b * Vec(coefficient)) / Vec(length); },
+                      g, g, u, D);
+      }
+    });
+  });
+}
+
 }  // namespace
 
-RowSteps row_steps() { return {forward_rows, backward_rows, forward_grad_rows}; }
+RowSteps row_steps() { return {forward_rows, backward_rows, forward_grad_rows, normal_component_rows}; }
 
 }  // namespace CPU_CAPABILITY
 }  // namespace gif
