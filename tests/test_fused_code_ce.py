@@ -1,5 +1,10 @@
 """fused_code_ce on the CPU backend (C++ kernels) against reference.py in float64, plus the op's
 registration (opcheck, gradcheck, torch.compile) and its input checks."""
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -344,3 +349,35 @@ def test_ignored_rows_have_no_margin_in_their_lse():
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_empty_batch(backend, reduction):
     check_empty_batch(backend, reduction)
+
+
+# Run in a fresh process per instruction set: ATen reads ATEN_CPU_CAPABILITY once, at its first use.
+CAPABILITY_SCRIPT = """
+import torch
+import gif_kernels
+from tests.helpers.code_ce_cases import MARGINS, make_inputs, check_against_reference, tiny_norm_inputs
+for (B, L, V, D), shared in [((7, 3, 37, 20), True), ((5, 2, 70, 13), False), ((3, 1, 1, 9), True)]:
+    for dtype in (torch.float32, torch.float64):
+        inputs = make_inputs(B, L, V, D, shared, dtype, seed=B * V + D)
+        check_against_reference("cpu", inputs, **MARGINS["arcface"])
+        check_against_reference("cpu", inputs, reduction="mean", learn=("x", "weight"), **MARGINS["both"])
+check_against_reference("cpu", tiny_norm_inputs(True, torch.float32), rowwise=True, **MARGINS["cosface"])
+print(gif_kernels.build_info()["cpu_capability"])
+"""
+CPU_CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]  # ATen's, in increasing order
+
+
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
+def test_every_cpu_capability_build(capability):
+    """Each build of the row steps (code_ce_rows_<capability>.cpp) against the reference, picked the way
+    ATen picks its own kernels: by the machine, or lower by ATEN_CPU_CAPABILITY."""
+    best = torch.backends.cpu.get_cpu_capability()
+    if best not in CPU_CAPABILITIES or CPU_CAPABILITIES.index(capability) > CPU_CAPABILITIES.index(best):
+        pytest.skip(f"this CPU runs ATen at {best}")
+    expected = capability if platform.machine() in ("x86_64", "AMD64") else "DEFAULT"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
+    result = subprocess.run([sys.executable, "-c", CAPABILITY_SCRIPT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == expected
