@@ -57,7 +57,7 @@ def test_autograd_semantics(reduction):
     weight = inputs["weight"].clone().requires_grad_()
     expected = torch.autograd.grad(loss_of(x, weight, "reference"), (x, weight), upstream)
     loss = loss_of(x, weight)
-    assert ("forward_grad" in type(loss.grad_fn).__name__) == (reduction != "none")
+    assert ("ForwardGrad" in type(loss.grad_fn).__name__) == (reduction != "none")
     loss.backward(upstream, retain_graph=True)
     torch.testing.assert_close(x.grad, expected[0])
     loss.backward(upstream, retain_graph=True)  # a second backward through the retained graph accumulates

@@ -235,12 +235,6 @@ def _forward_grad_fake(x, weight, codes, position_weight, scale, m2, m3, normali
             torch.empty_like(weight) if output_mask[1] else weight.new_empty(0))
 
 
-def _forward_grad_setup_context(ctx, inputs, output):
-    ctx.output_mask = inputs[-1]
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(output[1], output[2])
-
-
 def _forward_grad_backward(ctx, grad_loss, _grad_x, _grad_weight):
     # loss.backward() sends 1: then the saved gradients are the gradients, without a pass over tensors
     # of weight's size (autograd copies them where it must, e.g. for a retained graph). The test costs
@@ -252,9 +246,26 @@ def _forward_grad_backward(ctx, grad_loss, _grad_x, _grad_weight):
     return (grad_x, grad_weight) + (None,) * 9
 
 
+class _ForwardGrad(torch.autograd.Function):
+    """code_ce_forward_grad's autograd kernel. It is registered for the Autograd key directly rather than
+    through torch.library.register_autograd, whose glue rebuilds the schema's argument list on every
+    call (about 60 us on a CPU, a fifth of a small training step, and garbage that runs Python's
+    collector); the op below it runs as register_autograd would run it."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = torch.ops.gif.code_ce_forward_grad(*inputs)
+        ctx.output_mask = inputs[-1]
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(output[1], output[2])
+        return output
+
+    backward = staticmethod(_first_order(_forward_grad_backward))
+
+
 torch.library.register_fake("gif::code_ce_forward_grad")(_forward_grad_fake)
-torch.library.register_autograd("gif::code_ce_forward_grad", _first_order(_forward_grad_backward),
-                                setup_context=_forward_grad_setup_context)
+torch.library.impl("gif::code_ce_forward_grad", "Autograd", _ForwardGrad.apply)
 
 for _family in ("code_ce", "triton_code_ce"):
     _forward_op = f"gif::{_family}_forward"
