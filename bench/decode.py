@@ -26,7 +26,7 @@ import torch
 import gif_kernels
 from gif_kernels import CodeBook, code_beam_search, exhaustive_code_topk
 from gif_kernels.cli import ArgumentParser
-from harness import elapsed_ms, parse_count, times_ms
+from harness import brute_force_topk, elapsed_ms, parse_count, times_ms
 
 BRUTE_FORCE_BLOCK = 1 << 20  # identity vectors held at once by the brute-force baseline
 DEFAULT_TRIES = ("1Mx16x5", "10Mx16x6", "10Mx256x3")
@@ -62,19 +62,6 @@ def best_seconds(fn, device, repeats):
     """Fastest of `repeats` timed calls after one warm-up call."""
     fn()
     return min(times_ms(fn, device, repeats)) / 1e3
-
-
-def brute_force_topk(features, vectors, num_ids, topk):
-    """Top-k of features @ vectors.T over num_ids rows, streaming `vectors` as consecutive blocks."""
-    best_scores = features.new_empty((features.shape[0], 0))
-    best_ids = torch.empty((features.shape[0], 0), dtype=torch.int64, device=features.device)
-    for start in range(0, num_ids, vectors.shape[0]):
-        rows = min(vectors.shape[0], num_ids - start)
-        block_scores, block_ids = (features @ vectors[:rows].T).topk(topk, dim=1)
-        merged = torch.cat([best_scores, block_scores], 1)
-        best_scores, pick = merged.topk(topk, dim=1)
-        best_ids = torch.cat([best_ids, block_ids + start], 1).gather(1, pick)
-    return best_ids
 
 
 def recall(ids, reference_ids, k):
@@ -116,8 +103,8 @@ def main():
     for num_ids, vocab, length in args.tries:
         if num_ids not in brute_force_qps:
             vectors = torch.randn(min(num_ids, BRUTE_FORCE_BLOCK), args.dim, generator=gen).to(device)
-            seconds = best_seconds(lambda: brute_force_topk(features, vectors, num_ids, args.topk), device,
-                                   args.repeats)
+            seconds = best_seconds(lambda: brute_force_topk(features, vectors, args.topk, num_ids, BRUTE_FORCE_BLOCK),
+                                   device, args.repeats)
             brute_force_qps[num_ids] = args.queries / seconds
             del vectors
         baseline = brute_force_qps[num_ids]

@@ -55,6 +55,7 @@ def median_ms(fn, device, repeats):
 
 # ----------------------------------------------------------------------------- the baseline head
 
+
 def plain_code_head(x, weight, codes, scale=64.0, m2=0.0, m3=0.0):
     """The code head as a user writes it in plain PyTorch, the baseline the fused op is measured against:
     normalize, einsum, the margin on the one-hot target (ArcFace through torch.where on cos(acos(c) + m2)),
@@ -67,6 +68,35 @@ def plain_code_head(x, weight, codes, scale=64.0, m2=0.0, m3=0.0):
         cos = torch.where(target, torch.cos(torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7)) + m2), cos)
     logits = scale * (cos - m3 * target)
     return F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="sum") / x.shape[0]
+
+
+# ----------------------------------------------------------------------------- identification without codes
+
+def brute_force_topk(features, vectors, topk, num_ids=None, block=1 << 16):
+    """Ids (Q, topk) of the top-k of features @ vectors.T, best first: what a user runs without an
+    index. Rows are scored `block` at a time; there are num_ids of them (default: all of vectors),
+    row r being vectors[r % len(vectors)], so that N rows can be timed without holding them all."""
+    num_ids = vectors.shape[0] if num_ids is None else num_ids
+    best_scores = features.new_empty((features.shape[0], 0))
+    best_ids = torch.empty((features.shape[0], 0), dtype=torch.int64, device=features.device)
+    start = 0
+    while start < num_ids:
+        first = start % vectors.shape[0]
+        rows = min(block, num_ids - start, vectors.shape[0] - first)
+        block_scores, block_ids = (features @ vectors[first:first + rows].T).topk(min(topk, rows), dim=1)
+        merged = torch.cat([best_scores, block_scores], 1)
+        best_scores, pick = merged.topk(min(topk, merged.shape[1]), dim=1)
+        best_ids = torch.cat([best_ids, block_ids + start], 1).gather(1, pick)
+        start += rows
+    return best_ids
+
+
+def has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- command lines

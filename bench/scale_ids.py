@@ -38,8 +38,8 @@ from gif_kernels import reference
 from gif_kernels.cli import ArgumentParser
 from gif_kernels.tokenize import default_length
 from gif_kernels.train.heads import partial_fc_classes
-from harness import (comma_list, format_count, format_si, free_bytes, head_flops, is_out_of_memory, parse_count,
-                     parse_rate, partial_fc_class_count, positive_int, release_memory, times_ms)
+from harness import (comma_list, format_count, format_si, free_bytes, has_matplotlib, head_flops, is_out_of_memory,
+                     parse_count, parse_rate, partial_fc_class_count, positive_int, release_memory, times_ms)
 
 SCALE = 64.0
 MARGIN = 0.4  # CosFace m3, as in fused_code_ce(m3=0.4)
@@ -428,12 +428,6 @@ def write_plot(report, path):
     plt.close(figure)
 
 
-def has_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def report_paths(args):

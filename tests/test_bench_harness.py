@@ -3,6 +3,7 @@ import argparse
 import time
 
 import pytest
+import torch
 
 from tests.helpers.bench_scripts import bench_script
 
@@ -38,3 +39,13 @@ def test_times_ms_stops_at_repeats_or_max_seconds():
 def test_formatting():
     assert [harness.format_count(n) for n in (512, 1500, 10**7, 2 * 10**9)] == ["512", "1.5K", "10M", "2G"]
     assert harness.format_si(1.57e13, "FLOP") == "15.7 TFLOP" and harness.format_si(None, "B") == "-"
+
+
+@pytest.mark.parametrize("num_ids,block", [(None, 7), (None, 1000), (50, 7), (45, 4)])
+def test_brute_force_topk_against_one_product(num_ids, block):
+    generator = torch.Generator().manual_seed(0)
+    features, vectors = torch.randn(9, 5, generator=generator), torch.randn(20, 5, generator=generator)
+    rows = torch.arange(num_ids or 20) % 20  # rows past the vectors reuse them from the start
+    expected = (features @ vectors[rows].T).topk(5, dim=1)
+    ids = harness.brute_force_topk(features, vectors, 5, num_ids, block)
+    torch.testing.assert_close(torch.gather(features @ vectors[rows].T, 1, ids), expected.values)
