@@ -36,8 +36,10 @@ Sources of embeddings:
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +186,9 @@ def faiss_methods(faiss, kind, templates, args):
         settings = args.ef_search
     index.add(data)
     build_seconds = time.perf_counter() - start
-    nbytes = faiss.serialize_index(index).nbytes
+    with tempfile.TemporaryDirectory() as folder:  # on disk: serialize_index would copy the index in memory
+        faiss.write_index(index, os.path.join(folder, "index"))
+        nbytes = os.path.getsize(os.path.join(folder, "index"))
 
     def method(setting):
         def search(queries):
@@ -277,6 +281,10 @@ def parse_codes(text):
     return vocab, length
 
 
+def parse_exact_beams(text):
+    return [] if text == "none" else comma_list(positive_int)(text)
+
+
 def parse_kind(text):
     if text not in METHOD_KINDS:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(METHOD_KINDS)}, got {text!r}")
@@ -300,8 +308,8 @@ def build_parser():
     parser.add_argument("--methods", type=comma_list(parse_kind), default=",".join(METHOD_KINDS),
                         help="methods, comma-separated")
     parser.add_argument("--beams", type=comma_list(positive_int), default="8,16,32,64,256,1024", help="beam widths")
-    parser.add_argument("--exact-beams", type=comma_list(positive_int), default="32",
-                        help="beams also run with exact re-search (slow where few answers are certified)")
+    parser.add_argument("--exact-beams", type=parse_exact_beams, default="32",
+                        help="beams also run with exact re-search, or none (slow where few answers are certified)")
     parser.add_argument("--nlist", type=positive_int, help="ivf lists (default 4 sqrt(N), at most N / 39)")
     parser.add_argument("--nprobe", type=comma_list(positive_int), default="1,2,4,8,16,32,64,128",
                         help="ivf lists searched")
@@ -333,7 +341,7 @@ def parse_args(argv=None):
     if not 0.0 < args.lr < math.inf:
         parser.error(f"argument --lr: expected a finite number > 0, got {args.lr}")
     for option in ("beams", "exact_beams"):
-        if min(getattr(args, option)) < TOPK:
+        if min(getattr(args, option), default=TOPK) < TOPK:
             parser.error(f"argument --{option.replace('_', '-')}: expected each >= the top-{TOPK} reported, got "
                          f"{min(getattr(args, option))}")
     vocab, length = args.codes
@@ -351,23 +359,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with one_line_errors():
-        head = head_seconds = None
+        head = None
         if args.run is not None:
             source, head = run_source(args)
+            vocab, length = head.codebook.vocab, head.codebook.length
         else:
             source = synthetic_source(args)
-        if "beam" in args.methods and head is None:
-            start = time.perf_counter()
-            head = synthetic_head(source.templates, *args.codes, args.code_method, args.train_steps,
-                                  args.train_batch, args.lr, args.cosine, args.cosine_spread, args.seed)
-            head_seconds = time.perf_counter() - start
+            vocab, length = args.codes
         faiss = faiss_module()
         description = {**source.description, "queries": len(source.labels), "topk": TOPK,
                        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "cpu_capability": gif_kernels.build_info()["cpu_capability"],
-                       "faiss": faiss.__version__ if faiss else None}
-        if head is not None:
-            description.update(vocab=head.codebook.vocab, length=head.codebook.length)
+                       "faiss": faiss.__version__ if faiss else None, "vocab": vocab, "length": length}
         print("# " + ", ".join(f"{key} {value}" for key, value in description.items()))
         if faiss is None and {"flat", "ivf", "hnsw"} & set(args.methods):
             print("# faiss is not installed (pip install faiss-cpu): its rows are left out")
@@ -379,6 +382,12 @@ def main(argv=None):
                 methods = [Method("brute force", "", lambda q: brute_force_topk(q, source.templates, TOPK),
                                   source.templates.numel() * source.templates.element_size(), 0.0)]
             elif kind == "beam":
+                head_seconds = None
+                if head is None:  # made here, after the FAISS indexes have been freed
+                    start = time.perf_counter()
+                    head = synthetic_head(source.templates, vocab, length, args.code_method, args.train_steps,
+                                          args.train_batch, args.lr, args.cosine, args.cosine_spread, args.seed)
+                    head_seconds = time.perf_counter() - start
                 methods = beam_methods(head, head_seconds, args)
             elif faiss is not None:
                 methods = faiss_methods(faiss, kind, source.templates, args)
