@@ -241,6 +241,15 @@ def measure(method: Method, source: Source, args) -> dict:
             "bytes_per_id": method.nbytes / source.templates.shape[0], "build_s": method.build_seconds}
 
 
+def measure_each(methods: list, source: Source, args) -> list:
+    """measure() of each method, each row printed as it comes."""
+    rows = []
+    for method in methods:
+        rows.append(measure(method, source, args))
+        print(format_row(rows[-1]), flush=True)
+    return rows
+
+
 def format_row(row: dict) -> str:
     return (f"| {row['method']} | {row['setting']} | {row['top1']:.3f} | {row['top5']:.3f} | "
             f"{row['queries_per_s']:,.0f} | {row['latency_ms']:.3f} | {row['bytes_per_id']:,.1f} | "
@@ -393,9 +402,7 @@ def main(argv=None):
                 methods = faiss_methods(faiss, kind, source.templates, args)
             else:
                 continue
-            for method in methods:
-                rows.append(measure(method, source, args))
-                print(format_row(rows[-1]), flush=True)
+            rows += measure_each(methods, source, args)
             del methods  # a FAISS index is freed before the next is built
         report = {**description, "results": rows}
         if args.json:

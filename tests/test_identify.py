@@ -40,6 +40,9 @@ def test_synthetic_run_end_to_end(tmp_path, capsys):
                          ("beam exact", "beam 5")}
     assert rows[("brute force", "")]["top1"] == rows[("faiss flat", "")]["top1"]  # both exact
     assert rows[("brute force", "")]["bytes_per_id"] == 16 * 4
+    assert 16 * 4 <= rows[("faiss flat", "")]["bytes_per_id"] < rows[("faiss hnsw", "efSearch 16")]["bytes_per_id"]
+    trie_bytes = report["results"][-1]["bytes_per_id"]  # trie + head, at least a leaf id and a node per code
+    assert trie_bytes > 8 + 8 + 4
     assert all(0 <= row["top1"] <= row["top5"] <= 1 and row["queries_per_s"] > 0 for row in rows.values())
     assert json.loads((tmp_path / "r.json").read_text())["results"] == report["results"]
     assert (tmp_path / "r.png").stat().st_size > 0
