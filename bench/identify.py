@@ -56,6 +56,7 @@ from harness import brute_force_topk, comma_list, has_matplotlib, parse_count, p
 METHOD_KINDS = ("brute", "flat", "ivf", "hnsw", "beam")
 GENERATE_BLOCK = 1 << 18  # identity vectors drawn at once
 TOPK = 5
+PLOT_ORDER = ("brute force", "faiss flat", "faiss ivf", "faiss hnsw", "beam", "beam exact")  # a colour each
 IVF_TRAIN_PER_LIST = 64  # templates k-means sees per IVF list (FAISS asks for at least 39)
 
 
@@ -265,7 +266,7 @@ def plot(rows: list, path: str, title: str):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind in dict.fromkeys(row["method"] for row in rows):
         points = sorted((row["queries_per_s"], row["top1"]) for row in rows if row["method"] == kind)
-        ax.plot(*zip(*points), marker="o", label=kind)
+        ax.plot(*zip(*points), marker="o", label=kind, color=f"C{PLOT_ORDER.index(kind)}")
     ax.set_xscale("log")
     ax.set_xlabel("queries/s")
     ax.set_ylabel("identification top-1")
