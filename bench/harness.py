@@ -55,7 +55,6 @@ def median_ms(fn, device, repeats):
 
 # ----------------------------------------------------------------------------- the baseline head
 
-
 def plain_code_head(x, weight, codes, scale=64.0, m2=0.0, m3=0.0):
     """The code head as a user writes it in plain PyTorch, the baseline the fused op is measured against:
     normalize, einsum, the margin on the one-hot target (ArcFace through torch.where on cos(acos(c) + m2)),
@@ -123,6 +122,15 @@ def comma_list(parse_item):
     """An argparse type that applies parse_item to each item of a comma-separated list."""
     def parse(text):
         return [parse_item(item) for item in text.split(",")]
+    return parse
+
+
+def one_of(choices):
+    """An argparse type that accepts one of `choices` (a comma_list of them takes several)."""
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected some of {', '.join(choices)}, got {text!r}")
+        return text
     return parse
 
 

@@ -51,7 +51,7 @@ import gif_kernels
 from gif_kernels import CodeBook, CodeHead
 from gif_kernels.cli import ArgumentParser, one_line_errors
 from gif_kernels.tokenize import METHODS
-from harness import brute_force_topk, comma_list, has_matplotlib, parse_count, positive_int
+from harness import brute_force_topk, comma_list, has_matplotlib, one_of, parse_count, positive_int
 
 METHOD_KINDS = ("brute", "flat", "ivf", "hnsw", "beam")
 GENERATE_BLOCK = 1 << 18  # identity vectors drawn at once
@@ -177,6 +177,8 @@ def faiss_methods(faiss, kind, templates, args):
         index, settings = faiss.IndexFlatIP(dim), [None]
     elif kind == "ivf":
         nlist = args.nlist or max(1, min(len(data) // 39, 4 * round(math.sqrt(len(data)))))
+        if nlist > len(data):  # a --run's N is known only once it is read
+            raise ValueError(f"--nlist: expected at most N = {len(data)} lists, got {nlist}")
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(data[torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
                     [:IVF_TRAIN_PER_LIST * nlist].numpy()])
@@ -295,12 +297,6 @@ def parse_exact_beams(text):
     return [] if text == "none" else comma_list(positive_int)(text)
 
 
-def parse_kind(text):
-    if text not in METHOD_KINDS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(METHOD_KINDS)}, got {text!r}")
-    return text
-
-
 def build_parser():
     parser = ArgumentParser(description=__doc__)
     source = parser.add_mutually_exclusive_group()
@@ -315,7 +311,7 @@ def build_parser():
     parser.add_argument("--train-steps", type=int, default=0, help="synthetic: head training steps (0: none)")
     parser.add_argument("--train-batch", type=positive_int, default=1024, help="synthetic: queries per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="synthetic: the head's peak learning rate")
-    parser.add_argument("--methods", type=comma_list(parse_kind), default=",".join(METHOD_KINDS),
+    parser.add_argument("--methods", type=comma_list(one_of(METHOD_KINDS)), default=",".join(METHOD_KINDS),
                         help="methods, comma-separated")
     parser.add_argument("--beams", type=comma_list(positive_int), default="8,16,32,64,256,1024", help="beam widths")
     parser.add_argument("--exact-beams", type=parse_exact_beams, default="32",
@@ -348,8 +344,10 @@ def parse_args(argv=None):
         parser.error(f"argument --cosine-spread: expected a finite number >= 0, got {args.cosine_spread}")
     if args.train_steps < 0:
         parser.error(f"argument --train-steps: expected a whole number >= 0, got {args.train_steps}")
-    if not 0.0 < args.lr < math.inf:
-        parser.error(f"argument --lr: expected a finite number > 0, got {args.lr}")
+    for option in ("lr", "max_seconds"):
+        if not 0.0 < getattr(args, option) < math.inf:
+            parser.error(f"argument --{option.replace('_', '-')}: expected a finite number > 0, got "
+                         f"{getattr(args, option)}")
     for option in ("beams", "exact_beams"):
         if min(getattr(args, option), default=TOPK) < TOPK:
             parser.error(f"argument --{option.replace('_', '-')}: expected each >= the top-{TOPK} reported, got "
@@ -359,6 +357,8 @@ def parse_args(argv=None):
         if vocab ** length < args.synthetic:
             parser.error(f"argument --codes: {vocab}x{length} gives {vocab ** length} codes, fewer than "
                          f"N = {args.synthetic}")
+        if args.nlist is not None and args.nlist > args.synthetic:
+            parser.error(f"argument --nlist: expected at most N = {args.synthetic} lists, got {args.nlist}")
         if args.code_method == "pq" and length > args.dim:
             parser.error(f"argument --codes: pq splits the D = {args.dim} columns into L blocks, so L <= D")
     if args.plot and not has_matplotlib():

@@ -39,7 +39,7 @@ from gif_kernels.cli import ArgumentParser
 from gif_kernels.tokenize import default_length
 from gif_kernels.train.heads import partial_fc_classes
 from harness import (comma_list, format_count, format_si, free_bytes, has_matplotlib, head_flops, is_out_of_memory,
-                     parse_count, parse_rate, partial_fc_class_count, positive_int, release_memory, times_ms)
+                     one_of, parse_count, parse_rate, partial_fc_class_count, positive_int, release_memory, times_ms)
 
 SCALE = 64.0
 MARGIN = 0.4  # CosFace m3, as in fused_code_ce(m3=0.4)
@@ -86,12 +86,6 @@ class Method:
 
 # ----------------------------------------------------------------------------- argument parsing
 
-def parse_method_kind(text):
-    if text not in METHOD_KINDS:
-        raise argparse.ArgumentTypeError(f"expected some of {', '.join(METHOD_KINDS)}, got {text!r}")
-    return text
-
-
 def build_parser():
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--ids", type=comma_list(parse_count), default=[10**6, 10**7, 10**8],
@@ -107,7 +101,7 @@ def build_parser():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the steps run")
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core)")
-    parser.add_argument("--methods", type=comma_list(parse_method_kind), default=list(METHOD_KINDS),
+    parser.add_argument("--methods", type=comma_list(one_of(METHOD_KINDS)), default=list(METHOD_KINDS),
                         help=f"which methods to include (default: all of {','.join(METHOD_KINDS)})")
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed steps per row at most")
     parser.add_argument("--max-seconds", type=float, default=20.0,
@@ -426,8 +420,6 @@ def write_plot(report, path):
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
 
 
 def report_paths(args):

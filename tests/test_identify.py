@@ -81,8 +81,14 @@ def test_mistakes(tmp_path, capsys):
                          (["--codes", "16"], "argument --codes"), (["--cosine", "1.5"], "argument --cosine"),
                          (["--beams", "2"], "argument --beams"), (["--methods", "brute,annoy"], "argument --methods"),
                          (["--synthetic", "10", "--run", "x"], "not allowed with"),
+                         (["--max-seconds", "0"], "argument --max-seconds"),
+                         (["--synthetic", "100", "--codes", "4x4", "--nlist", "101"], "argument --nlist"),
                          (["--run", str(tmp_path)], "--run:", "no checkpoint")):
         fails_with_one_line(capsys, identify.main, argv, *words)
     train(parse_run([*TINY, "--head", "full", "--out", str(tmp_path / "full")]))
     capsys.readouterr()
     fails_with_one_line(capsys, identify.main, ["--run", str(tmp_path / "full")], "--run:", "code head")
+    train(parse_run([*TINY, "--out", str(tmp_path / "gif")]))
+    capsys.readouterr()
+    fails_with_one_line(capsys, identify.main, ["--run", str(tmp_path / "gif"), "--methods", "ivf", "--nlist", "7"],
+                        "--nlist:", "at most N = 6")
