@@ -234,7 +234,8 @@ class CodeBook:
     @classmethod
     def build(cls, vectors, vocab: int, length=None, method=DEFAULT_METHOD, seed=0, device=None, names=None):
         """Tokenize identity vectors (N, D) into unique codes; length defaults to the smallest L with
-        vocab**L >= N. See gif_kernels.tokenize for the methods."""
+        vocab**L >= N. See gif_kernels.tokenize for the methods. The trainer's default, the best recipe
+        measured (bench/RESULTS.md), is method "pq" with L = 6 over tokenize.random_vectors."""
         return cls(tokenize(vectors, vocab, length, method=method, seed=seed, device=device), vocab, names)
 
     @property

@@ -29,6 +29,12 @@ def margin_args(margin: str, m: float | None) -> tuple[float, float]:
     return (m, 0.0) if margin == "arcface" else (0.0, m)
 
 
+# Weight of L_AR beside the code loss, whose sum over L positions at scale 64 is 100-200 at the start:
+# at 1000 L_AR pulls each feature to its anchor as strongly as the code loss sorts its tokens
+# (bench/accuracy.py measured 100 and 3000 to train worse verification embeddings at 1000 identities).
+DEFAULT_GAMMA = 1000.0
+
+
 def anchor_loss(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """L_AR = 1/2 (z . h_y - 1)^2 averaged over the batch: z the normalized feature, h_y its
     identity's normalized anchor vector."""
@@ -45,14 +51,16 @@ class CodeHead(nn.Module):
     position_weight_j, default all 1. proj_dim: adds one linear projection per position, (B, D) ->
     (B, L, proj_dim), before the classifiers. anchor_vectors: (N, D) one vector per identity; adds
     gamma * L_AR (see anchor_loss). The table stays where it is given (pinned when on the CPU) and
-    only the batch's rows are gathered and moved. identity_weight: adds that times identity_ce, a
+    only the batch's rows are gathered and moved. The recipe measured best (the trainer's default)
+    takes them from gif_kernels.tokenize.random_vectors, the codes from their PQ (L = 6), and
+    starts the classifier with init_from_vectors. identity_weight: adds that times identity_ce, a
     softmax over whole identities scored through the same classifiers (see identity_ce), over the
     batch's identities and identity_samples others. backend: fused_code_ce's and code_beam_search's.
     """
 
     def __init__(self, feature_dim: int, codebook: CodeBook, scale: float = 64.0, margin: str = "cosface",
                  m: float | None = None, position_weight=None, proj_dim: int | None = None,
-                 anchor_vectors: torch.Tensor | None = None, gamma: float = 1.0, identity_weight: float = 0.0,
+                 anchor_vectors: torch.Tensor | None = None, gamma: float = DEFAULT_GAMMA, identity_weight: float = 0.0,
                  identity_samples: int = 0, backend: str = "auto"):
         super().__init__()
         if not isinstance(codebook, CodeBook):

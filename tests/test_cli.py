@@ -105,7 +105,7 @@ def test_a_failure_after_the_output_folder_was_made_removes_it(tmp_path, capsys)
     np.save(vectors, np.ones((6, 5), dtype=np.float32))  # wrong width for L_AR over 16-wide features
     out = tmp_path / "run"
     fails_with_one_line(capsys, trainer.main, [*TINY, "--identity-vectors", str(vectors), "--gamma", "1",
-                                               "--out", str(out)], "--gamma")
+                                               "--code-method", "random", "--out", str(out)], "--gamma")
     assert not out.exists()
 
 

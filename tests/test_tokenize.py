@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gif_kernels import CodeBook
-from gif_kernels.tokenize import (METHODS, default_length, prefix_spread, spread, tokenize,
+from gif_kernels.tokenize import (METHODS, default_length, prefix_spread, random_vectors, spread, tokenize,
                                   uniformity_loss)
 
 
@@ -193,6 +193,16 @@ def test_spread_lowers_uniformity_loss_on_the_sphere():
     assert torch.equal(spread(vectors, steps=0), start)
 
 
+def test_random_vectors_are_unit_seeded_and_spread_as_on_the_sphere():
+    vectors = random_vectors(3000, 512, seed=5)
+    assert vectors.shape == (3000, 512) and vectors.dtype == torch.float32
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(3000), atol=1e-5)
+    assert torch.equal(vectors, random_vectors(3000, 512, seed=5))
+    assert not torch.equal(vectors, random_vectors(3000, 512, seed=6))
+    cosines = (vectors[:1500] * vectors[1500:]).sum(1)  # 1500 independent pairs
+    assert abs(cosines.mean().item()) < 0.005 and cosines.std().item() == pytest.approx(512 ** -0.5, rel=0.06)
+
+
 @pytest.mark.parametrize("call,argument", [
     (lambda x: tokenize(x, 1), "vocab"),
     (lambda x: tokenize(x, 4.0), "vocab"),
@@ -214,6 +224,9 @@ def test_spread_lowers_uniformity_loss_on_the_sphere():
     (lambda x: spread(x, 5, t=0.0), "t"),
     (lambda x: spread(x, 5, lr=float("nan")), "lr"),
     (lambda x: spread(x, 5, batch=1), "batch"),
+    (lambda x: random_vectors(0, 4), "num_ids"),
+    (lambda x: random_vectors(4, 0), "dim"),
+    (lambda x: random_vectors(4, 4, seed=-1), "seed"),
 ])
 def test_bad_arguments_name_the_argument(call, argument):
     with pytest.raises(ValueError, match=f"^{argument}:"):

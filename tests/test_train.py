@@ -13,6 +13,7 @@ import torch
 from gif_kernels import CodeBook
 from gif_kernels.train import checkpoint
 from gif_kernels.train.data import write_bin
+from gif_kernels.train.model import DEFAULT_LENGTH
 from gif_kernels.train.evaluate import verification, verification_pairs
 from gif_kernels.train.trainer import learning_rate, parse_run, train
 from tests.helpers.trainer_runs import TINY, command, environment
@@ -103,7 +104,7 @@ def test_retokenize_switch_resumes_from_either_side(first, tmp_path, monkeypatch
     whole = tmp_path / "whole"
     train(parse_run([*args, "--out", str(whole)]))
     second = CodeBook.load(whole / checkpoint.RETOKENIZED_CODES_FILE)
-    assert (second.num_ids, second.length, second.vocab) == (6, 2, 3)
+    assert (second.num_ids, second.length, second.vocab) == (6, DEFAULT_LENGTH, 3)
     assert (whole / checkpoint.CODES_FILE).exists() == (first[1] == "gif")
     final = checkpoint.load(whole / "checkpoint-6.safetensors")
     assert retokenized(final["run"], final["stats"])
@@ -244,6 +245,19 @@ def test_features_data_trains_the_head_alone_from_given_identity_vectors(tmp_pat
         np.save(vectors, centers.numpy())
         train(parse_run(["--data", f"features:{tmp_path / 'embeddings.npz'}", "--verify-ids", "2",
                          "--identity-vectors", str(vectors), "--out", str(tmp_path / "other")]))
+
+
+def test_random_identity_vectors_make_the_codes_and_anchors(tmp_path):
+    from gif_kernels.tokenize import random_vectors, tokenize
+    out = tmp_path / "run"
+    train(parse_run([*TINY, "--identity-vectors", "random", "--seed", "3", "--code-method", "pq", "--length", "2",
+                     "--gamma", "50", "--out", str(out)]))
+    vectors = torch.from_numpy(np.load(out / checkpoint.VECTORS_FILE))
+    assert torch.equal(vectors, random_vectors(6, 16, seed=3))  # TINY: 6 training identities, 16-wide features
+    assert torch.equal(CodeBook.load(out / checkpoint.CODES_FILE).codes.long(),
+                       tokenize(vectors, 3, 2, method="pq", seed=3).long())
+    header = (out / "log.csv").read_text().splitlines()[0]
+    assert "anchor" in header.split(",")
 
 
 def test_recordio_data_end_to_end(tmp_path):

@@ -5,8 +5,9 @@ one vector per identity, split into capacity-limited clusters so that every code
 tokens below the first mean different things under different prefixes. "pq" and "rq" (product and
 residual quantization) give every position one partition of all identities instead, the same under
 every prefix, which is what L independent classifiers on one embedding can learn. "sequential" and
-"random" are the baselines. `spread` is the paper's optional refinement of the
-vectors before tokenizing. Everything is batched torch, so it runs on CPU or CUDA tensors.
+"random" are the baselines. `spread` is the paper's optional refinement of the vectors before
+tokenizing; `random_vectors` draws identity vectors that need no backbone. Everything is batched
+torch, so it runs on CPU or CUDA tensors.
 The command line (`python -m gif_kernels.tokenize`) is __main__.py beside this file.
 """
 import math
@@ -361,6 +362,19 @@ def uniformity_loss(vectors: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     # -t * |h_i - h_j|^2 = -t * (|h_i|^2 + |h_j|^2) + 2t * h_i.h_j in one addmm (few passes over B x B).
     exponent = torch.addmm(-t * (sq[:, None] + sq[None, :]), vectors, vectors.T, alpha=2 * t).clamp_max(0)
     return torch.logsumexp(exponent.flatten(), 0) - 2 * math.log(len(vectors))
+
+
+def random_vectors(num_ids: int, dim: int, seed: int = 0, device=None) -> torch.Tensor:
+    """(num_ids, dim) float32 unit vectors drawn uniformly on the sphere (normalized Gaussians) from
+    `seed`: identity vectors that owe nothing to a backbone. In D dimensions two of them have a
+    cosine of mean 0 and spread 1/sqrt(D), so as L_AR anchors they put every identity about as far
+    from every other as the sphere allows, which a softmax head's learnt class centres do too."""
+    num_ids = _check_int("num_ids", num_ids, 1)
+    dim = _check_int("dim", dim, 1)
+    seed = _check_int("seed", seed, 0)
+    generator = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(num_ids, dim, generator=generator)
+    return F.normalize(vectors, dim=1).to(device)
 
 
 def spread(vectors: torch.Tensor, steps: int, t: float = 2.0, lr: float = 0.1, batch: int = 4096,

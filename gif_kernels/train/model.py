@@ -6,11 +6,22 @@ from torch import nn
 
 from ..codebook import CodeBook
 from ..constants import NORM_EPS
+from ..tokenize import default_length, random_vectors, spread
 from .backbones import build_backbone
 from .heads import build_head
 
 # Images per identity embedded to get its mean feature when codes are built from the backbone.
 MEAN_FEATURE_IMAGES = 8
+# --identity-vectors besides a .npy file: drawn at random, or the initial backbone's mean features.
+RANDOM_VECTORS, BACKBONE_VECTORS = "random", "backbone"
+# The code head's default recipe, the best that bench/accuracy.py measured (bench/RESULTS.md, "Accuracy
+# against the softmax heads"): L_AR toward random identity vectors, weighted to dominate the code loss
+# (a sum over L positions at scale 64), puts every identity about as far from every other as a softmax
+# head's learnt class centres are, which verification needs and which shared code tokens alone do not
+# give; PQ codes of those vectors (at least DEFAULT_LENGTH positions) with each token's classifier
+# started at the mean of its identities' vectors keep the positions learnable and the codes decodable.
+# L_AR's weight is CodeHead's DEFAULT_GAMMA.
+DEFAULT_VECTORS, DEFAULT_CODE_METHOD, DEFAULT_LENGTH = RANDOM_VECTORS, "pq", 6
 
 
 class FaceModel(nn.Module):
@@ -84,8 +95,11 @@ def mean_features(backbone: nn.Module, train_set, train_labels: torch.Tensor, nu
 
 
 def identity_vectors(run: dict, backbone: nn.Module, splits, device, workers: int = 0) -> torch.Tensor:
-    """The run's identity vectors: from --identity-vectors, else the backbone's mean features."""
-    if run["identity_vectors"]:
+    """The run's identity vectors (--identity-vectors): "random" (drawn from --seed at the features'
+    width), "backbone" (the backbone's mean features) or a .npy file."""
+    if run["identity_vectors"] == RANDOM_VECTORS:
+        return random_vectors(splits.num_ids, feature_dim_of(run, splits.input_shape), seed=run["seed"])
+    if run["identity_vectors"] != BACKBONE_VECTORS:
         vectors = torch.from_numpy(np.ascontiguousarray(np.load(run["identity_vectors"], allow_pickle=False)))
         if vectors.dim() != 2 or vectors.shape[0] != splits.num_ids or not vectors.dtype.is_floating_point:
             raise ValueError(f"identity_vectors: expected a float array (N, D) with N = {splits.num_ids} "
@@ -103,6 +117,6 @@ def build_codebook(run: dict, vectors: torch.Tensor | None, num_ids: int) -> Cod
                              f"the data has {num_ids} training identities")
         return codebook
     if run["spread_steps"]:
-        from ..tokenize import spread
         vectors = spread(vectors, run["spread_steps"], seed=run["seed"])
-    return CodeBook.build(vectors, run["vocab"], run["length"], method=run["code_method"], seed=run["seed"])
+    length = run["length"] or max(DEFAULT_LENGTH, default_length(num_ids, run["vocab"]))
+    return CodeBook.build(vectors, run["vocab"], length, method=run["code_method"], seed=run["seed"])

@@ -29,15 +29,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..cli import ArgumentParser, one_line_errors
 from ..codebook import CodeBook
 from ..files import atomic_write
-from ..head import DEFAULT_MARGINS, CodeHead
+from ..head import DEFAULT_GAMMA, DEFAULT_MARGINS, CodeHead
 from ..ops import BACKENDS, check_scale
-from ..tokenize import DEFAULT_METHOD, METHODS, VECTOR_METHODS
+from ..tokenize import METHODS, VECTOR_METHODS
 from . import checkpoint
 from .backbones import BACKBONES, load_backbone_weights
 from .data import SYNTHETIC_IMAGES_PER_ID, load_splits, load_val_sets, parse_val_targets
 from .evaluate import evaluate, run_description, val_set_metrics, write_metrics
 from .heads import HEADS
-from .model import (FaceModel, build_backbone_for, build_codebook, build_run_head, feature_dim_of,
+from .model import (BACKBONE_VECTORS, DEFAULT_CODE_METHOD, DEFAULT_LENGTH, DEFAULT_VECTORS,
+                    RANDOM_VECTORS, FaceModel, build_backbone_for, build_codebook, build_run_head, feature_dim_of,
                     identity_vectors, mean_features)
 
 # Arguments a resumed run must share with the run it continues. Others given on its command line
@@ -88,10 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     codes = p.add_argument_group("codes (gif head)")
     codes.add_argument("--codes", help="a CodeBook file (python -m gif_kernels.tokenize); else built at start")
     codes.add_argument("--vocab", type=int, default=16, help="tokens per code position, V")
-    codes.add_argument("--length", type=int, help="default: smallest L with vocab**L >= ids")
-    codes.add_argument("--code-method", default=DEFAULT_METHOD, choices=METHODS, help="how codes are assigned")
-    codes.add_argument("--identity-vectors", help=".npy (N, D) identity vectors to build codes from "
-                                                  "(default: mean features of the initial backbone)")
+    codes.add_argument("--length", type=int,
+                       help=f"default: {DEFAULT_LENGTH}, or the smallest L with vocab**L >= ids where that is more")
+    codes.add_argument("--code-method", default=DEFAULT_CODE_METHOD, choices=METHODS, help="how codes are assigned")
+    codes.add_argument("--identity-vectors", default=DEFAULT_VECTORS,
+                       help=f"identity vectors to build codes from and for L_AR: {RANDOM_VECTORS} (unit vectors "
+                            f"drawn from --seed at the features' width), {BACKBONE_VECTORS} (mean features of the "
+                            f"initial backbone) or a .npy (N, D)")
     codes.add_argument("--spread-steps", type=int, default=0, help="uniformity steps on the vectors first")
     codes.add_argument("--retokenize-after", type=float,
                        help="epochs on the first codes; then codes are made again (--code-method) from the mean "
@@ -99,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     codes.add_argument("--first-head", default="gif", choices=HEADS,
                        help="head of the epochs before --retokenize-after's switch: gif, the code head on the "
                             "first codes; full / partial_fc, a softmax head that the code head then replaces")
-    codes.add_argument("--classifier-init", default="random", choices=("random", "vectors"),
+    codes.add_argument("--classifier-init", default="auto", choices=("auto", "random", "vectors"),
                        help="the code classifier's first weights: random, or each token's mean of the identity "
-                            "vectors its codes were made from")
+                            "vectors its codes were made from; auto: vectors, random with --proj-dim")
     codes.add_argument("--proj-dim", type=int, help="per-position projection heads of this width")
-    codes.add_argument("--gamma", type=float, default=0.0,
+    codes.add_argument("--gamma", type=float, default=DEFAULT_GAMMA,
                        help="weight of L_AR toward the identity vectors (needs them at the features' width)")
     codes.add_argument("--identity-weight", type=float, default=0.0,
                        help="weight of the identity-level cross-entropy through the code classifiers")
@@ -156,6 +160,8 @@ def parse_run(argv=None) -> dict:
                      f"backbone")
     if run["classifier_init"] == "vectors" and run["proj_dim"]:
         parser.error("--classifier-init vectors: the classifiers see projections with --proj-dim; use one of them")
+    if run["classifier_init"] == "auto":
+        run["classifier_init"] = "random" if run["proj_dim"] else "vectors"
     try:
         check_scale(run["scale"])
     except ValueError as error:
