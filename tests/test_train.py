@@ -145,6 +145,12 @@ def test_retokenize_arguments(extra, words, tmp_path, capsys):
     assert words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra,start", [([], "vectors"), (["--proj-dim", "4"], "random"),
+                                         (["--classifier-init", "random"], "random")])
+def test_classifier_init_auto_starts_at_the_vectors_unless_projections(extra, start, tmp_path):
+    assert parse_run([*TINY, *extra, "--out", str(tmp_path)])["classifier_init"] == start
+
+
 def test_retokenize_after_the_last_step_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--retokenize-after: 2.0 epochs is step 6"):
         train(parse_run([*TINY, "--retokenize-after", "2", "--out", str(tmp_path / "run")]))
