@@ -211,8 +211,8 @@ def beam_methods(head: CodeHead, build_seconds: float, args):
     nbytes = trie.nbytes + sum(p.numel() * p.element_size() for p in head.parameters())
     methods = []
     for beam, exact in [(beam, False) for beam in args.beams] + [(beam, True) for beam in args.exact_beams]:
-        def search(queries, beam=beam, exact=exact):
-            return head.identify(queries, beam=beam, topk=TOPK, exact=exact)[0]
+        def search(queries, beam=beam, exact=exact):  # exact: the head's own best code, never re-ranked
+            return head.identify(queries, beam=beam, topk=TOPK, exact=exact, rerank=False if exact else None)[0]
         methods.append(Method("beam exact" if exact else "beam", f"beam {beam}", search, nbytes, build_seconds))
     return methods
 

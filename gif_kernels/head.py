@@ -14,6 +14,7 @@ from .codebook import CodeBook
 from .constants import NORM_EPS
 from .decode import code_beam_search
 from .ops import BACKENDS, check_scale, fused_code_ce
+from .tokenize import random_vectors
 
 # The margin of each kind when m is not given (insightface's ArcFace and CosFace defaults).
 DEFAULT_MARGINS = {"cosface": 0.4, "arcface": 0.5, "none": 0.0}
@@ -49,19 +50,22 @@ class CodeHead(nn.Module):
     feature_dim: D of the backbone's features. scale, margin ("cosface", "arcface", "none") and m
     (default DEFAULT_MARGINS[margin]) shape the logits as in fused_code_ce. position_weight: (L,)
     position_weight_j, default all 1. proj_dim: adds one linear projection per position, (B, D) ->
-    (B, L, proj_dim), before the classifiers. anchor_vectors: (N, D) one vector per identity; adds
-    gamma * L_AR (see anchor_loss). The table stays where it is given (pinned when on the CPU) and
-    only the batch's rows are gathered and moved. The recipe measured best (the trainer's default)
-    takes them from gif_kernels.tokenize.random_vectors, the codes from their PQ (L = 6), and
-    starts the classifier with init_from_vectors. identity_weight: adds that times identity_ce, a
+    (B, L, proj_dim), before the classifiers. Anchors, one vector per identity, add gamma * L_AR (see
+    anchor_loss) and re-rank identify()'s answers; either anchor_seed: the rows of
+    gif_kernels.tokenize.random_vectors(ids, D, anchor_seed), made for each batch's identities from
+    their ids, with no table; or anchor_vectors: an (N, D) table, which stays where it is given
+    (pinned when on the CPU) and of which only the batch's rows are gathered and moved. The recipe
+    measured best (the trainer's default) uses anchor_seed, the codes from the PQ of those vectors
+    (L = 6), and starts the classifier with init_from_vectors. identity_weight: adds that times identity_ce, a
     softmax over whole identities scored through the same classifiers (see identity_ce), over the
     batch's identities and identity_samples others. backend: fused_code_ce's and code_beam_search's.
     """
 
     def __init__(self, feature_dim: int, codebook: CodeBook, scale: float = 64.0, margin: str = "cosface",
                  m: float | None = None, position_weight=None, proj_dim: int | None = None,
-                 anchor_vectors: torch.Tensor | None = None, gamma: float = DEFAULT_GAMMA, identity_weight: float = 0.0,
-                 identity_samples: int = 0, backend: str = "auto"):
+                 anchor_vectors: torch.Tensor | None = None, anchor_seed: int | None = None,
+                 gamma: float = DEFAULT_GAMMA, identity_weight: float = 0.0, identity_samples: int = 0,
+                 backend: str = "auto"):
         super().__init__()
         if not isinstance(codebook, CodeBook):
             raise TypeError(f"codebook: expected a CodeBook, got {type(codebook)}")
@@ -98,7 +102,12 @@ class CodeHead(nn.Module):
             self.proj_bias = nn.Parameter(torch.empty(length, proj_dim).uniform_(-bound, bound))
         # insightface's N(0, 0.01) (only a row's direction matters)
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (length, vocab, proj_dim or feature_dim)))
-        self.anchor_vectors = None
+        if anchor_seed is not None and (isinstance(anchor_seed, bool) or not isinstance(anchor_seed, int)
+                                        or anchor_seed < 0):
+            raise ValueError(f"anchor_seed: expected an integer >= 0, got {anchor_seed!r}")
+        if anchor_seed is not None and anchor_vectors is not None:
+            raise ValueError("anchor_seed: expected None when anchor_vectors is given (one source of anchors)")
+        self.anchor_seed, self.anchor_vectors = anchor_seed, None
         if anchor_vectors is not None:
             if tuple(anchor_vectors.shape) != (codebook.num_ids, feature_dim):
                 raise ValueError(f"anchor_vectors: expected shape (N, D) = ({codebook.num_ids}, "
@@ -132,7 +141,7 @@ class CodeHead(nn.Module):
     def extra_repr(self):
         return (f"feature_dim={self.feature_dim}, codebook={self.codebook}, scale={self.scale}, "
                 f"margin={self.margin!r}, m2={self.m2}, m3={self.m3}, proj_dim={self.proj_dim}, "
-                f"anchors={self.anchor_vectors is not None}, gamma={self.gamma}, backend={self.backend!r}")
+                f"anchors={self.has_anchors}, gamma={self.gamma}, backend={self.backend!r}")
 
     def position_features(self, features: torch.Tensor) -> torch.Tensor:
         """The classifiers' input: features (B, D), or their L projections (B, L, proj_dim)."""
@@ -143,12 +152,19 @@ class CodeHead(nn.Module):
         return torch.einsum("bd,ldp->blp", features, self.proj_weight.to(features.dtype)) + \
             self.proj_bias.to(features.dtype)
 
-    def _batch_anchors(self, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    @property
+    def has_anchors(self) -> bool:
+        return self.anchor_seed is not None or self.anchor_vectors is not None
+
+    def anchors(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The anchor rows (len(ids), D) of identities `ids` on `device`."""
+        if self.anchor_seed is not None:
+            return random_vectors(ids.to(device), self.feature_dim, self.anchor_seed)
         table = self.anchor_vectors
         if table.device.type == "cpu":
-            rows = table.index_select(0, labels.cpu())  # a host sync when labels live on a GPU
+            rows = table.index_select(0, ids.cpu())  # a host sync when ids live on a GPU
             return rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows
-        return table.index_select(0, labels.to(table.device)).to(device)
+        return table.index_select(0, ids.to(table.device)).to(device)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor):
         """Loss of a batch: features (B, D), labels (B,) identity ids in [0, N).
@@ -163,8 +179,8 @@ class CodeHead(nn.Module):
                                 self.m2, self.m3, backend=self.backend)
         parts = {"code_ce": code_ce.detach()}
         loss = code_ce
-        if self.anchor_vectors is not None and self.gamma > 0:
-            anchor = anchor_loss(features, self._batch_anchors(labels, features.device))
+        if self.has_anchors and self.gamma > 0:
+            anchor = anchor_loss(features, self.anchors(labels, features.device))
             parts["anchor"] = anchor.detach()
             loss = loss + self.gamma * anchor
         if self.identity_weight > 0:
@@ -204,19 +220,44 @@ class CodeHead(nn.Module):
         return torch.log_softmax(self.scale * self.cosines(features), dim=-1)
 
     @torch.no_grad()
-    def identify(self, features: torch.Tensor, beam: int = 32, topk: int = 5, exact: bool = False):
+    def identify(self, features: torch.Tensor, beam: int = 32, topk: int = 5, exact: bool = False,
+                 rerank: bool | None = None):
         """The `topk` most likely identities of each face: (ids (B, topk) int64, scores (B, topk)
-        float32 summed log-probabilities, exact (B,) bool) by code_beam_search over the trie."""
+        float32, exact (B,) bool), by code_beam_search over the trie: id -1 past the last candidate.
+
+        rerank (default: when the head has anchors): the beam's `beam` best codes are the candidates,
+        ordered by the cosine of the face's features with each candidate's anchor, which are the scores;
+        an anchor, pulled to by L_AR, sits where its identity's features are, which the L classifiers
+        together can only approximate. That costs `beam` anchor rows and dot products per face and is
+        never certified: exact is all False. Without it, the scores are the codes' summed
+        log-probabilities and exact[q] certifies answer q (see code_beam_search)."""
+        rerank = self.has_anchors if rerank is None else rerank
+        if rerank and not self.has_anchors:
+            raise ValueError("rerank: this head has no anchors (anchor_seed or anchor_vectors) to re-rank by")
+        if rerank and exact:
+            raise ValueError("exact: re-ranked answers are not certified; pass rerank=False for exact search")
+        if rerank and topk > beam:
+            raise ValueError(f"topk: expected <= beam = {beam} when re-ranking the beam's codes, got {topk}")
         scores = self.position_scores(features)
-        return code_beam_search(scores, self.codebook.trie(scores.device), beam, topk,
-                                backend=self.backend, exact=exact)
+        trie = self.codebook.trie(scores.device)
+        if not rerank:
+            return code_beam_search(scores, trie, beam, topk, backend=self.backend, exact=exact)
+        ids, _, _ = code_beam_search(scores, trie, beam, beam, backend=self.backend)
+        found = ids >= 0
+        anchors = self.anchors(ids.clamp(min=0).flatten(), features.device).view(*ids.shape, self.feature_dim)
+        cosines = torch.einsum("bd,bkd->bk", F.normalize(features.float(), dim=-1, eps=NORM_EPS),
+                               F.normalize(anchors.float(), dim=-1, eps=NORM_EPS))
+        cosines = cosines.masked_fill(~found, float("-inf"))
+        best, order = cosines.topk(topk, dim=1)
+        ids = ids.gather(1, order).masked_fill(best == float("-inf"), -1)
+        return ids, best, torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
 
     def config(self) -> dict:
         """The constructor's arguments (JSON-able) beside the CodeBook and anchor table, which are
         data kept in their own files."""
         return {"feature_dim": self.feature_dim, "scale": self.scale, "margin": self.margin,
                 "m": self.m2 if self.margin == "arcface" else self.m3, "proj_dim": self.proj_dim,
-                "gamma": self.gamma, "identity_weight": self.identity_weight,
+                "anchor_seed": self.anchor_seed, "gamma": self.gamma, "identity_weight": self.identity_weight,
                 "identity_samples": self.identity_samples, "backend": self.backend,
                 "position_weight": None if self.position_weight is None else self.position_weight.tolist(),
                 "codebook_shape": [self.codebook.num_ids, self.codebook.length, self.codebook.vocab]}

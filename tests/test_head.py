@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from gif_kernels import CodeBook, exhaustive_code_topk, reference
 from gif_kernels.head import CodeHead, anchor_loss
+from gif_kernels.tokenize import random_vectors
 from gif_kernels.train.heads import FullSoftmaxHead, PartialFCHead, build_head
 
 
@@ -183,6 +184,52 @@ def test_anchor_loss_is_zero_on_the_anchor():
     anchors = torch.randn(5, 8)
     assert anchor_loss(3 * anchors, anchors) < 1e-12
     assert math.isclose(anchor_loss(anchors, -anchors).item(), 2.0, rel_tol=1e-6)
+
+
+def test_anchor_seed_makes_the_anchors_of_random_vectors_without_a_table():
+    book = codebook()
+    features, labels = batch(book.num_ids, dtype=torch.float32)
+    table = random_vectors(book.num_ids, features.shape[1], seed=4)
+    seeded = CodeHead(features.shape[1], book, anchor_seed=4, gamma=0.7, backend="reference")
+    tabled = CodeHead(features.shape[1], book, anchor_vectors=table, gamma=0.7, backend="reference")
+    tabled.load_state_dict(seeded.state_dict())
+    assert seeded.anchor_vectors is None and seeded.has_anchors
+    _, parts = seeded(features, labels)
+    torch.testing.assert_close(parts["anchor"], tabled(features, labels)[1]["anchor"], rtol=0, atol=0)
+    rebuilt = CodeHead.from_state_dict(seeded.state_dict(), book)
+    assert rebuilt.anchor_seed == 4 and rebuilt.config() == seeded.config()
+    with pytest.raises(ValueError, match="anchor_seed: expected None when anchor_vectors"):
+        CodeHead(features.shape[1], book, anchor_seed=4, anchor_vectors=table)
+    for seed in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="anchor_seed: expected an integer >= 0"):
+            CodeHead(features.shape[1], book, anchor_seed=seed)
+
+
+@pytest.mark.parametrize("num_ids, beam, topk", [(1, 4, 1), (37, 8, 5), (37, 64, 5), (200, 16, 16)])
+def test_identify_reranks_the_beam_by_the_anchors(num_ids, beam, topk):
+    """With anchors the answers are the beam's `beam` codes ordered by their anchors' cosines."""
+    book = codebook(num_ids, 5 if num_ids > 1 else 2)
+    features, _ = batch(num_ids, size=23, dtype=torch.float32)
+    head = CodeHead(11, book, scale=8.0, anchor_seed=2)
+    candidates, _, _ = head.identify(features, beam=beam, topk=beam, rerank=False)
+    ids, scores, exact = head.identify(features, beam=beam, topk=topk)
+    assert not exact.any() and ids.shape == scores.shape == (23, topk)
+    anchors = random_vectors(num_ids, 11, seed=2)
+    cosines = F.normalize(features, dim=1) @ anchors.T  # (23, N)
+    for q in range(23):
+        found = candidates[q][candidates[q] >= 0]
+        count = min(topk, len(found))
+        answer = ids[q, :count]
+        assert set(answer.tolist()) <= set(found.tolist()) and len(answer.unique()) == count
+        assert (ids[q, count:] == -1).all() and (scores[q, count:] == float("-inf")).all()
+        torch.testing.assert_close(scores[q, :count], cosines[q, answer])  # each answer's own cosine,
+        torch.testing.assert_close(scores[q, :count], cosines[q, found].topk(count).values)  # the best ones
+    with pytest.raises(ValueError, match="exact: re-ranked answers"):
+        head.identify(features, beam=beam, topk=topk, exact=True)
+    with pytest.raises(ValueError, match="topk: expected <= beam"):
+        head.identify(features, beam=4, topk=5)
+    with pytest.raises(ValueError, match="rerank: this head has no anchors"):
+        CodeHead(11, book).identify(features, rerank=True)
 
 
 def test_full_softmax_head_is_a_code_of_length_one():

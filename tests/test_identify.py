@@ -66,14 +66,15 @@ def test_rows_without_faiss_are_left_out_saying_so(monkeypatch, capsys):
 
 
 def test_a_trained_run_is_identified_as_its_evaluation_did(tmp_path, capsys):
-    metrics = train(parse_run([*TINY, "--out", str(tmp_path / "run")]))
-    report = identify.main(["--run", str(tmp_path / "run"), "--beams", "32", "--exact-beams", "32",
+    run = parse_run([*TINY, "--out", str(tmp_path / "run")])
+    metrics, beam = train(run), str(run["eval_beam"])
+    report = identify.main(["--run", str(tmp_path / "run"), "--beams", beam, "--exact-beams", beam,
                             "--repeats", "1", "--latency-queries", "1", "--ef-search", "16", "--nprobe", "1"])
     capsys.readouterr()
     rows = {(row["method"], row["setting"]): row for row in report["results"]}
     assert report["source"] == "run" and report["num_ids"] == 6 and report["queries"] == 6 * 2
-    assert rows[("beam", "beam 32")]["top1"] == pytest.approx(metrics["ident_top1"])  # the trainer's eval beam
-    assert rows[("beam", "beam 32")]["build_s"] is None
+    assert rows[("beam", f"beam {beam}")]["top1"] == pytest.approx(metrics["ident_top1"])  # as evaluated
+    assert rows[("beam", f"beam {beam}")]["build_s"] is None
 
 
 def test_mistakes(tmp_path, capsys):

@@ -201,6 +201,24 @@ def test_random_vectors_are_unit_seeded_and_spread_as_on_the_sphere():
     assert not torch.equal(vectors, random_vectors(3000, 512, seed=6))
     cosines = (vectors[:1500] * vectors[1500:]).sum(1)  # 1500 independent pairs
     assert abs(cosines.mean().item()) < 0.005 and cosines.std().item() == pytest.approx(512 ** -0.5, rel=0.06)
+    # the columns are as independent as the rows: no sign pattern shared across identities
+    columns = vectors.T @ vectors * (512 / 3000) - torch.eye(512)
+    assert columns.abs().max().item() < 6 / 3000 ** 0.5
+
+
+@pytest.mark.parametrize("dim", [1, 15, 16, 17, 512])
+def test_random_vectors_of_some_ids_are_those_rows_of_the_table(dim):
+    """A head makes the anchors of a batch's identities from their ids: each row is a function of its
+    own id (and the seed) only, also for ids past 2^32."""
+    table = random_vectors(100, dim, seed=3)
+    ids = torch.tensor([99, 0, 7, 7, 42], dtype=torch.int32)
+    assert torch.equal(random_vectors(ids, dim, seed=3), table[ids.long()])
+    assert random_vectors(ids[:0], dim).shape == (0, dim)
+    far = random_vectors(torch.tensor([2 ** 40 + 7, 7]), dim, seed=3)
+    assert torch.equal(far[1], table[7]) and far[0].abs().eq(dim ** -0.5).all()
+    if dim >= 16:
+        assert not torch.equal(far[0], far[1])
+        assert not torch.equal(random_vectors(torch.tensor([7]), dim, seed=2 ** 40 + 3), table[7:8])
 
 
 @pytest.mark.parametrize("call,argument", [
@@ -224,7 +242,10 @@ def test_random_vectors_are_unit_seeded_and_spread_as_on_the_sphere():
     (lambda x: spread(x, 5, t=0.0), "t"),
     (lambda x: spread(x, 5, lr=float("nan")), "lr"),
     (lambda x: spread(x, 5, batch=1), "batch"),
-    (lambda x: random_vectors(0, 4), "num_ids"),
+    (lambda x: random_vectors(0, 4), "ids"),
+    (lambda x: random_vectors(torch.tensor([0.0, 1.0]), 4), "ids"),
+    (lambda x: random_vectors(torch.tensor([[0, 1]]), 4), "ids"),
+    (lambda x: random_vectors(torch.tensor([3, -1]), 4), "ids"),
     (lambda x: random_vectors(4, 0), "dim"),
     (lambda x: random_vectors(4, 4, seed=-1), "seed"),
 ])

@@ -13,7 +13,8 @@ import torch
 from gif_kernels import CodeBook
 from gif_kernels.train import checkpoint
 from gif_kernels.train.data import write_bin
-from gif_kernels.train.model import DEFAULT_LENGTH
+from gif_kernels.train.data import load_splits
+from gif_kernels.train.model import DEFAULT_LENGTH, embed
 from gif_kernels.train.evaluate import verification, verification_pairs
 from gif_kernels.train.trainer import learning_rate, parse_run, train
 from tests.helpers.trainer_runs import TINY, command, environment
@@ -241,10 +242,13 @@ def test_features_data_trains_the_head_alone_from_given_identity_vectors(tmp_pat
     features = centers[labels] + 0.05 * torch.randn(len(labels), 24, generator=generator)
     np.savez(tmp_path / "embeddings.npz", features=features.numpy(), labels=labels.numpy())
     vectors = tmp_path / "vectors.npy"
-    np.save(vectors, centers[:10].numpy())  # the 10 training identities (2 are held out to verify)
-    metrics = train(parse_run(["--data", f"features:{tmp_path / 'embeddings.npz'}", "--verify-ids", "2",
-                               "--identity-vectors", str(vectors), "--gamma", "1.0", "--vocab", "4",
-                               "--batch-size", "16", "--steps", "60", "--lr", "0.02", "--out", str(tmp_path / "run")]))
+    argv = ["--data", f"features:{tmp_path / 'embeddings.npz'}", "--verify-ids", "2", "--identity-vectors",
+            str(vectors), "--gamma", "1.0", "--vocab", "4", "--batch-size", "16", "--steps", "60", "--lr", "0.02"]
+    splits = load_splits(parse_run([*argv, "--out", str(tmp_path / "run")]))  # 10 of the 12 identities train, relabelled 0..9
+    train_features, train_labels = embed(torch.nn.Identity(), splits.train, "cpu")
+    means = torch.zeros(10, 24).index_add_(0, train_labels, train_features)
+    np.save(vectors, centers[(means @ centers.T).argmax(1)].numpy())  # each training identity's own center
+    metrics = train(parse_run([*argv, "--out", str(tmp_path / "run")]))
     assert metrics["backbone"] == "none" and metrics["num_ids"] == 10
     assert metrics["ident_top1"] >= 0.9  # well separated clusters: the head alone learns them
     with pytest.raises(ValueError, match="identity_vectors: expected a float array"):
@@ -256,14 +260,24 @@ def test_features_data_trains_the_head_alone_from_given_identity_vectors(tmp_pat
 def test_random_identity_vectors_make_the_codes_and_anchors(tmp_path):
     from gif_kernels.tokenize import random_vectors, tokenize
     out = tmp_path / "run"
-    train(parse_run([*TINY, "--identity-vectors", "random", "--seed", "3", "--code-method", "pq", "--length", "2",
-                     "--gamma", "50", "--out", str(out)]))
-    vectors = torch.from_numpy(np.load(out / checkpoint.VECTORS_FILE))
-    assert torch.equal(vectors, random_vectors(6, 16, seed=3))  # TINY: 6 training identities, 16-wide features
+    run = parse_run([*TINY, "--identity-vectors", "random", "--seed", "3", "--code-method", "pq", "--length", "2",
+                     "--gamma", "50", "--out", str(out)])
+    train(run)
+    vectors = random_vectors(6, 16, seed=3)  # TINY: 6 training identities, 16-wide features
     assert torch.equal(CodeBook.load(out / checkpoint.CODES_FILE).codes.long(),
                        tokenize(vectors, 3, 2, method="pq", seed=3).long())
+    assert not (out / checkpoint.VECTORS_FILE).exists()  # made again from the seed, never stored
     header = (out / "log.csv").read_text().splitlines()[0]
     assert "anchor" in header.split(",")
+    # evaluation re-ranks with the same anchors, made from the saved run's seed
+    model, splits, _, _ = checkpoint.restore_for_evaluation(checkpoint.load_given(out), out, "cpu")
+    assert model.head.anchor_seed == 3 and model.head.anchor_vectors is None
+    assert torch.equal(model.head.anchors(torch.tensor([4, 1]), torch.device("cpu")), vectors[[4, 1]])
+    # a run folder that saved its random vectors (as runs did before they were made again) keeps them
+    saved = torch.nn.functional.normalize(torch.randn(6, 16), dim=1)
+    np.save(out / checkpoint.VECTORS_FILE, saved.numpy())
+    start, table, seed = checkpoint.stage_vectors(run, out, checkpoint.CODES_FILE, 16, 6, "cpu")
+    assert seed is None and torch.equal(table, saved) and torch.equal(start, saved)
 
 
 def test_recordio_data_end_to_end(tmp_path):

@@ -364,17 +364,55 @@ def uniformity_loss(vectors: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     return torch.logsumexp(exponent.flatten(), 0) - 2 * math.log(len(vectors))
 
 
-def random_vectors(num_ids: int, dim: int, seed: int = 0, device=None) -> torch.Tensor:
-    """(num_ids, dim) float32 unit vectors drawn uniformly on the sphere (normalized Gaussians) from
-    `seed`: identity vectors that owe nothing to a backbone. In D dimensions two of them have a
-    cosine of mean 0 and spread 1/sqrt(D), so as L_AR anchors they put every identity about as far
-    from every other as the sphere allows, which a softmax head's learnt class centres do too."""
-    num_ids = _check_int("num_ids", num_ids, 1)
+# Multipliers of the identity vectors' hash: odd, and below 2**31 so that a 32-bit value times one
+# stays below 2**63 in int64 arithmetic (torch has no unsigned 64-bit multiply on every device).
+_HASH_MULTIPLIERS = (0x7FEB352D, 0x5BD1E995)
+_MASK32 = 0xFFFFFFFF
+SIGNS_PER_HASH = 16
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective hash of int64 tensors holding values in [0, 2**32): xorshift-multiply rounds."""
+    for multiplier in _HASH_MULTIPLIERS:
+        x = x ^ (x >> 16)
+        x = (x * multiplier) & _MASK32
+    return x ^ (x >> 15)
+
+
+def _hash_words(state: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """state hashed with both 32-bit halves of the int64 values (broadcast)."""
+    for word in (value & _MASK32, (value >> 32) & _MASK32):
+        state = _hash32(state ^ word)
+    return state
+
+
+def random_vectors(ids, dim: int, seed: int = 0, device=None) -> torch.Tensor:
+    """Identity vectors that owe nothing to a backbone: float32 unit vectors of `dim` random signs,
+    +-1/sqrt(dim), each sign a hash of (seed, identity id, column). `ids` is a count N (the rows of
+    identities 0..N-1, on `device`) or a 1-D integer tensor of ids (their rows, on its device). A row
+    depends only on its own id, so a head makes the rows of a batch's identities when it needs them,
+    with no (N, dim) table. In D dimensions two of them have a cosine of mean 0 and spread
+    1/sqrt(D), as two random points of the sphere do, so as L_AR anchors they put every identity
+    about as far from every other as the sphere allows, which a softmax head's learnt class centres
+    do too."""
     dim = _check_int("dim", dim, 1)
     seed = _check_int("seed", seed, 0)
-    generator = torch.Generator().manual_seed(seed)
-    vectors = torch.randn(num_ids, dim, generator=generator)
-    return F.normalize(vectors, dim=1).to(device)
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"ids: expected a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+        ids = ids.to(torch.int64)
+        if len(ids) and int(ids.min()) < 0:
+            raise ValueError(f"ids: expected ids >= 0, got {int(ids.min())}")
+    else:
+        ids = torch.arange(_check_int("ids", ids, 1), device=device)
+    seed_state = _hash_words(torch.zeros((), dtype=torch.int64, device=ids.device),
+                             torch.tensor(seed, dtype=torch.int64, device=ids.device))
+    rows = _hash_words(seed_state, ids)[:, None]
+    # one hash per SIGNS_PER_HASH columns, whose signs are its upper (best mixed) bits
+    words = _hash32(torch.arange(-(-dim // SIGNS_PER_HASH), dtype=torch.int64, device=ids.device) + 1)
+    shifts = torch.arange(32 - SIGNS_PER_HASH, 32, dtype=torch.int64, device=ids.device)
+    bits = (_hash32(rows ^ words[None, :])[:, :, None] >> shifts) & 1
+    return (bits.flatten(1)[:, :dim] * 2 - 1).to(torch.float32) * dim ** -0.5
 
 
 def spread(vectors: torch.Tensor, steps: int, t: float = 2.0, lr: float = 0.1, batch: int = 4096,

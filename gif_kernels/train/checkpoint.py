@@ -16,11 +16,14 @@ from ..codebook import CodeBook
 from ..files import save_safetensors
 from .backbones import build_backbone
 from .data import load_splits
-from .model import FaceModel, build_backbone_for, build_run_head
+import numpy as np
+
+from ..tokenize import random_vectors
+from .model import RANDOM_VECTORS, FaceModel, build_backbone_for, build_run_head
 
 FILE_PATTERN = re.compile(r"checkpoint-(\d+)\.safetensors")
 # Beside the checkpoints in a run's output folder: the codes it trains on and the identity vectors
-# they were built from (the L_AR anchors). A run with --retokenize-after trains in two stages: its
+# they were built from (the L_AR anchors), except random ones, which are made again from --seed. A run with --retokenize-after trains in two stages: its
 # --first-head (on the codes made at start when that is the code head), then the code head on codes
 # made again from the features learnt, in the RETOKENIZED_ files. The stats of each checkpoint past
 # the switch hold its step ("retokenized_at").
@@ -135,15 +138,42 @@ def stage_head(run: dict, stats: dict) -> tuple[str, str | None]:
     return kind, CODES_FILE if kind == "gif" else None
 
 
+def stage_vectors(run: dict, out: Path, codes: str, feature_dim: int, num_ids: int, device):
+    """(identity vectors (N, D) or None, anchor table or None, anchor seed or None) of the code-head stage
+    on codes file `codes` in OUT. The vectors, which --classifier-init vectors starts the classifier at,
+    are those saved beside the codes, else --identity-vectors random's made again from --seed (on the
+    codes made at start). The anchors (with --gamma) are the same vectors: random ones as the
+    CodeHead's anchor_seed, without a table; others as a table, kept on the CPU unless the model
+    trains on a GPU (see CodeHead)."""
+    saved = out / STAGE_VECTORS[codes]  # a run that saved its random vectors keeps them
+    hashed = codes == CODES_FILE and run["identity_vectors"] == RANDOM_VECTORS and not saved.exists()
+    vectors = None
+    if run["classifier_init"] == "vectors" or (run["gamma"] > 0 and not hashed):
+        vectors = (random_vectors(num_ids, feature_dim, seed=run["seed"]) if hashed else
+                   torch.from_numpy(np.load(saved, allow_pickle=False)))
+        if vectors.shape[1] != feature_dim:
+            raise ValueError(f"--identity-vectors: --gamma and --classifier-init vectors need identity vectors of "
+                             f"the features' width {feature_dim}, got {vectors.shape[1]}")
+    if run["gamma"] == 0:
+        return vectors, None, None
+    if hashed:
+        return vectors, None, run["seed"]
+    device = torch.device(device)
+    return vectors, vectors.to(device) if device.type == "cuda" else vectors, None
+
+
 def restore_for_evaluation(saved: dict, out: Path, device):
     """(model with the checkpoint's weights, data splits, run arguments, CodeBook or None) of a saved checkpoint."""
     run = saved["run"]
     splits = load_splits(run)
     backbone, feature_dim = build_backbone_for(run, splits.input_shape)
     kind, codes = stage_head(run, saved["stats"])
-    codebook = CodeBook.load(out / codes) if codes else None
-    model = FaceModel(backbone, build_run_head(run, kind, feature_dim, splits.num_ids, codebook))
-    model.load_state_dict(saved["model"], strict=False)  # without anchors: L_AR is training-only
+    codebook, anchors, seed = None, None, None
+    if codes:  # the code head's anchors re-rank its identifications
+        codebook = CodeBook.load(out / codes)
+        _, anchors, seed = stage_vectors(run, out, codes, feature_dim, splits.num_ids, "cpu")
+    model = FaceModel(backbone, build_run_head(run, kind, feature_dim, splits.num_ids, codebook, anchors, seed))
+    model.load_state_dict(saved["model"])
     return model.to(device), splits, run, codebook
 
 

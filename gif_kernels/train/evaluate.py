@@ -1,7 +1,8 @@
 """Evaluation of a trained model: identification and verification.
 
 - Identification: held-out images of the training identities, top-1 / top-5 of head.identify()
-  (beam search over the code trie for the code head, every class for the softmax heads).
+  (beam search over the code trie for the code head, its candidates re-ranked by their anchors when
+  it has them; every class for the softmax heads).
 - Verification: genuine / impostor pairs among images of identities never trained on, scored by
   the cosine of backbone embeddings; TAR at FAR 1e-3 and 1e-4 from scikit-learn's ROC.
 - insightface's verification sets (lfw.bin, cfp_fp.bin, ...): 10-fold accuracy of flip-test

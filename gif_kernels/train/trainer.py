@@ -41,6 +41,11 @@ from .model import (BACKBONE_VECTORS, DEFAULT_CODE_METHOD, DEFAULT_LENGTH, DEFAU
                     RANDOM_VECTORS, FaceModel, build_backbone_for, build_codebook, build_run_head, feature_dim_of,
                     identity_vectors, mean_features)
 
+# Beam width of the evaluation's identification. With anchors the beam's codes are the candidates that
+# their anchors re-rank (CodeHead.identify), so a wider beam finds more right answers: at 1000
+# identities, 32 -> 128 lifts top-1 from 0.70 to 0.86 (bench/RESULTS.md) for 128 anchor rows per face.
+EVAL_BEAM = 128
+
 # Arguments a resumed run must share with the run it continues. Others given on its command line
 # (e.g. --steps to train longer, --workers) replace the saved ones.
 RESUME_KEYS = ("data", "ids", "images_per_id", "holdout_per_id", "verify_ids", "image_size", "backbone",
@@ -93,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"default: {DEFAULT_LENGTH}, or the smallest L with vocab**L >= ids where that is more")
     codes.add_argument("--code-method", default=DEFAULT_CODE_METHOD, choices=METHODS, help="how codes are assigned")
     codes.add_argument("--identity-vectors", default=DEFAULT_VECTORS,
-                       help=f"identity vectors to build codes from and for L_AR: {RANDOM_VECTORS} (unit vectors "
-                            f"drawn from --seed at the features' width), {BACKBONE_VECTORS} (mean features of the "
+                       help=f"identity vectors to build codes from and for L_AR: {RANDOM_VECTORS} (random signs "
+                            f"hashed from --seed and the identity at the features' width, made when needed), {BACKBONE_VECTORS} (mean features of the "
                             f"initial backbone) or a .npy (N, D)")
     codes.add_argument("--spread-steps", type=int, default=0, help="uniformity steps on the vectors first")
     codes.add_argument("--retokenize-after", type=float,
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight of the identity-level cross-entropy through the code classifiers")
     codes.add_argument("--identity-samples", type=int, default=0,
                        help="identities drawn per step beside the batch's for that cross-entropy")
-    codes.add_argument("--eval-beam", type=int, default=32, help="beam width of identification")
+    codes.add_argument("--eval-beam", type=int, default=EVAL_BEAM, help="beam width of identification")
     optim = p.add_argument_group("optimization")
     optim.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="optimizer")
     optim.add_argument("--lr", type=float, default=0.002, help="peak learning rate")
@@ -199,28 +204,22 @@ def make_codes(run: dict, out: Path, backbone, splits, device, rank: int, world:
     """The codes a code head trains on from the start, made once by rank 0 into OUT, so that all
     processes (and a resumed run) train on the same codes."""
     if rank == 0 and not (out / checkpoint.CODES_FILE).exists():
-        needs_vectors = not run["codes"] or run["gamma"] > 0 or run["classifier_init"] == "vectors"
+        saves_vectors = run["identity_vectors"] != RANDOM_VECTORS  # random ones are made again from --seed
+        needs_vectors = not run["codes"] or (saves_vectors and (run["gamma"] > 0 or run["classifier_init"] == "vectors"))
         vectors = identity_vectors(run, backbone, splits, device, run["workers"]) if needs_vectors else None
         build_codebook(run, vectors, splits.num_ids).save(out / checkpoint.CODES_FILE)
-        if vectors is not None:
+        if vectors is not None and saves_vectors:
             np.save(out / checkpoint.VECTORS_FILE, vectors.numpy())
     barrier(world)
 
 
 def stage_code_head(run: dict, out: Path, codes: str, feature_dim: int, num_ids: int, device) -> CodeHead:
-    """The code head on a stage's codes file in OUT. With --gamma, L_AR pulls toward the identity
-    vectors those codes were made from (kept on the CPU unless training on a GPU: see CodeHead); with
-    --classifier-init vectors, the classifier starts at their means per token."""
+    """The code head on a stage's codes file in OUT, with L_AR's anchors (--gamma) and the classifier
+    started at the identity vectors' means per token (--classifier-init vectors): see
+    checkpoint.stage_vectors."""
     codebook = CodeBook.load(out / codes)
-    vectors = anchors = None
-    if run["gamma"] > 0 or run["classifier_init"] == "vectors":
-        vectors = torch.from_numpy(np.load(out / checkpoint.STAGE_VECTORS[codes], allow_pickle=False))
-        if vectors.shape[1] != feature_dim:
-            raise ValueError(f"--identity-vectors: --gamma and --classifier-init vectors need identity vectors of "
-                             f"the features' width {feature_dim}, got {vectors.shape[1]}")
-    if run["gamma"] > 0:
-        anchors = vectors.to(device) if device.type == "cuda" else vectors
-    head = build_run_head(run, "gif", feature_dim, num_ids, codebook, anchors)
+    vectors, anchors, seed = checkpoint.stage_vectors(run, out, codes, feature_dim, num_ids, device)
+    head = build_run_head(run, "gif", feature_dim, num_ids, codebook, anchors, seed)
     if run["classifier_init"] == "vectors":
         head.init_from_vectors(vectors)
     return head.to(device)
