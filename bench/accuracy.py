@@ -2,9 +2,10 @@
 
 For each identity count, every run trains with the reference trainer on the same data, backbone,
 number of steps and seed (each of --seeds), and is evaluated the same way: identification of held-out
-images of the training identities (the code head through its beam decoder, whose candidates its anchors
-re-rank, and the share of answers it proves exact: none once re-ranked) and verification, TAR at FAR 1e-3 and 1e-4 over all pairs of identities not trained
-on. One table per identity count (mean and, over several seeds, the spread), and a JSON report.
+images of the training identities (the code head through its beam decoder, whose candidates its
+anchors re-rank, and the share of answers it proves exact: none once re-ranked) and verification, TAR
+at FAR 1e-3 and 1e-4 over all pairs of identities not trained on. One table per identity count (mean
+and, over several seeds, the spread), and a JSON report.
 
 A run is one head with its recipe, named in RUNS (or added with --run NAME=ARGS): trainer arguments
 on top of the shared ones. Head FLOPs per step come from the model of bench/scale_ids.py. Runs whose

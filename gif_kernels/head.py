@@ -56,8 +56,8 @@ class CodeHead(nn.Module):
     their ids, with no table; or anchor_vectors: an (N, D) table, which stays where it is given
     (pinned when on the CPU) and of which only the batch's rows are gathered and moved. The recipe
     measured best (the trainer's default) uses anchor_seed, the codes from the PQ of those vectors
-    (L = 6), and starts the classifier with init_from_vectors. identity_weight: adds that times identity_ce, a
-    softmax over whole identities scored through the same classifiers (see identity_ce), over the
+    (L = 6), and starts the classifier with init_from_vectors. identity_weight: adds that times
+    identity_ce, a softmax over whole identities scored through the same classifiers (see identity_ce), over the
     batch's identities and identity_samples others. backend: fused_code_ce's and code_beam_search's.
     """
 

@@ -244,7 +244,8 @@ def test_features_data_trains_the_head_alone_from_given_identity_vectors(tmp_pat
     vectors = tmp_path / "vectors.npy"
     argv = ["--data", f"features:{tmp_path / 'embeddings.npz'}", "--verify-ids", "2", "--identity-vectors",
             str(vectors), "--gamma", "1.0", "--vocab", "4", "--batch-size", "16", "--steps", "60", "--lr", "0.02"]
-    splits = load_splits(parse_run([*argv, "--out", str(tmp_path / "run")]))  # 10 of the 12 identities train, relabelled 0..9
+    # 10 of the 12 identities train, relabelled 0..9
+    splits = load_splits(parse_run([*argv, "--out", str(tmp_path / "run")]))
     train_features, train_labels = embed(torch.nn.Identity(), splits.train, "cpu")
     means = torch.zeros(10, 24).index_add_(0, train_labels, train_features)
     np.save(vectors, centers[(means @ centers.T).argmax(1)].numpy())  # each training identity's own center

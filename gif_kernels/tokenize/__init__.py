@@ -389,7 +389,8 @@ def _hash_words(state: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def random_vectors(ids, dim: int, seed: int = 0, device=None) -> torch.Tensor:
     """Identity vectors that owe nothing to a backbone: float32 unit vectors of `dim` random signs,
     +-1/sqrt(dim), each sign a hash of (seed, identity id, column). `ids` is a count N (the rows of
-    identities 0..N-1, on `device`) or a 1-D integer tensor of ids (their rows, on its device). A row
+    identities 0..N-1, on `device`) or a 1-D integer tensor of ids (their rows, on its device; negative
+    ids raise on the CPU, and on a GPU, where the check would be a host sync, get rows too). A row
     depends only on its own id, so a head makes the rows of a batch's identities when it needs them,
     with no (N, dim) table. In D dimensions two of them have a cosine of mean 0 and spread
     1/sqrt(D), as two random points of the sphere do, so as L_AR anchors they put every identity
@@ -401,7 +402,7 @@ def random_vectors(ids, dim: int, seed: int = 0, device=None) -> torch.Tensor:
         if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"ids: expected a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
         ids = ids.to(torch.int64)
-        if len(ids) and int(ids.min()) < 0:
+        if ids.device.type == "cpu" and len(ids) and int(ids.min()) < 0:
             raise ValueError(f"ids: expected ids >= 0, got {int(ids.min())}")
     else:
         ids = torch.arange(_check_int("ids", ids, 1), device=device)

@@ -9,24 +9,23 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from ..codebook import CodeBook
 from ..files import save_safetensors
+from ..tokenize import random_vectors
 from .backbones import build_backbone
 from .data import load_splits
-import numpy as np
-
-from ..tokenize import random_vectors
 from .model import RANDOM_VECTORS, FaceModel, build_backbone_for, build_run_head
 
 FILE_PATTERN = re.compile(r"checkpoint-(\d+)\.safetensors")
 # Beside the checkpoints in a run's output folder: the codes it trains on and the identity vectors
-# they were built from (the L_AR anchors), except random ones, which are made again from --seed. A run with --retokenize-after trains in two stages: its
-# --first-head (on the codes made at start when that is the code head), then the code head on codes
-# made again from the features learnt, in the RETOKENIZED_ files. The stats of each checkpoint past
-# the switch hold its step ("retokenized_at").
+# they were built from (the L_AR anchors), except random ones, which are made again from --seed. A
+# run with --retokenize-after trains in two stages: its --first-head (on the codes made at start when
+# that is the code head), then the code head on codes made again from the features learnt, in the
+# RETOKENIZED_ files. The stats of each checkpoint past the switch hold its step ("retokenized_at").
 CODES_FILE = "codes.safetensors"
 VECTORS_FILE = "identity_vectors.npy"
 RETOKENIZED_CODES_FILE = "codes-retokenized.safetensors"

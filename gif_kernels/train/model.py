@@ -52,9 +52,8 @@ def build_run_head(run: dict, kind: str, feature_dim: int, num_ids: int, codeboo
     """The head of kind `kind` (one of HEADS) with a run's arguments (the code head's anchors: see CodeHead)."""
     margin = {"scale": run["scale"], "margin": run["margin"], "m": run["m"]}
     code_args = {"proj_dim": run["proj_dim"], "anchor_vectors": anchor_vectors, "anchor_seed": anchor_seed,
-                 "gamma": run["gamma"],
-                 "identity_weight": run["identity_weight"], "identity_samples": run["identity_samples"],
-                 "backend": run["backend"]} if kind == "gif" else {}
+                 "gamma": run["gamma"], "identity_weight": run["identity_weight"],
+                 "identity_samples": run["identity_samples"], "backend": run["backend"]} if kind == "gif" else {}
     return build_head(kind, feature_dim, codebook=codebook, num_ids=num_ids, sample_rate=run["sample_rate"],
                       seed=run["seed"], **margin, **code_args)
 

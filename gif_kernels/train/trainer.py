@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     codes.add_argument("--code-method", default=DEFAULT_CODE_METHOD, choices=METHODS, help="how codes are assigned")
     codes.add_argument("--identity-vectors", default=DEFAULT_VECTORS,
                        help=f"identity vectors to build codes from and for L_AR: {RANDOM_VECTORS} (random signs "
-                            f"hashed from --seed and the identity at the features' width, made when needed), {BACKBONE_VECTORS} (mean features of the "
-                            f"initial backbone) or a .npy (N, D)")
+                            f"hashed from --seed and the identity at the features' width, made when needed), "
+                            f"{BACKBONE_VECTORS} (mean features of the initial backbone) or a .npy (N, D)")
     codes.add_argument("--spread-steps", type=int, default=0, help="uniformity steps on the vectors first")
     codes.add_argument("--retokenize-after", type=float,
                        help="epochs on the first codes; then codes are made again (--code-method) from the mean "
@@ -205,7 +205,8 @@ def make_codes(run: dict, out: Path, backbone, splits, device, rank: int, world:
     processes (and a resumed run) train on the same codes."""
     if rank == 0 and not (out / checkpoint.CODES_FILE).exists():
         saves_vectors = run["identity_vectors"] != RANDOM_VECTORS  # random ones are made again from --seed
-        needs_vectors = not run["codes"] or (saves_vectors and (run["gamma"] > 0 or run["classifier_init"] == "vectors"))
+        uses_vectors = run["gamma"] > 0 or run["classifier_init"] == "vectors"
+        needs_vectors = not run["codes"] or (saves_vectors and uses_vectors)
         vectors = identity_vectors(run, backbone, splits, device, run["workers"]) if needs_vectors else None
         build_codebook(run, vectors, splits.num_ids).save(out / checkpoint.CODES_FILE)
         if vectors is not None and saves_vectors:
